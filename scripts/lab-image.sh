@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
+# Usage: scripts/lab-image.sh [bookworm|trixie ...]   (default: bookworm)
+# The image localhost/sidecar-lab:<suite> carries the hash of its recipe as the label sidecar.recipe;
+# it is rebuilt only when missing or when the recipe changed.
+set -euo pipefail
+# shellcheck source=scripts/env.sh
+. "$(dirname "$0")/env.sh"
+ensure_apt podman runc debootstrap
+setup_podman
+
+# What goes into a lab host: systemd as init, Python for Ansible, and the network tools the roles use.
+PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iptables,iproute2,sudo,procps,kmod,ca-certificates"
+MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+RECIPE_VERSION=3
+
+build() {
+  local suite="$1" image="localhost/sidecar-lab:$1" recipe have rootfs
+  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$PACKAGES" "$MIRROR" | sha256sum | cut -c1-16)"
+  have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
+  if [ "$have" = "$recipe" ]; then
+    log "image $image is up to date (recipe $recipe)"
+    return 0
+  fi
+  rootfs="$(mktemp -d "${TMPDIR:-/tmp}/sidecar-rootfs-$suite.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$rootfs'" RETURN
+  log "building $image with debootstrap (about a minute)"
+  if ! debootstrap --variant=minbase --include="$PACKAGES" "$suite" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1; then
+    tail -n 20 "$rootfs.log" >&2; rm -f "$rootfs.log"; die "debootstrap $suite failed"
+  fi
+  rm -f "$rootfs.log" "$rootfs/etc/hostname"
+  # Containers have no consoles or hardware to wait for; mask what only slows boot or fails.
+  for unit in systemd-remount-fs.service getty@tty1.service console-getty.service systemd-firstboot.service; do
+    ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
+  done
+  rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
+  tar -C "$rootfs" -c . | podman import \
+    --change 'CMD ["/sbin/init"]' \
+    --change "LABEL sidecar.recipe=$recipe" \
+    --change "LABEL sidecar.suite=$suite" \
+    - "$image" >/dev/null
+  log "built $image (recipe $recipe)"
+}
+
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(bookworm)
+for s in "${suites[@]}"; do
+  case "$s" in bookworm|trixie) build "$s" ;; *) die "unknown suite '$s' (expected bookworm or trixie)" ;; esac
+done

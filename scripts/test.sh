@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Run every test of the collection: unit + integration (pytest, real netns), lint and sanity,
+# the collection build, and the Molecule scenarios on Podman systemd hosts.
+# Usage: scripts/test.sh [stage ...]   stages: pytest lint build molecule (default: all)
+#        SIDECAR_SCENARIOS="redirect proxy" scripts/test.sh molecule   (a subset of scenarios)
+# Installs what it needs (apt packages, the tools venv, the lab images) on first use.
+# Ends with the line "N passed, N failed"; exits non-zero when anything failed.
+set -uo pipefail
+# shellcheck source=scripts/env.sh
+. "$(dirname "$0")/env.sh"
+set -e
+sidecar_setup
+set +e
+cd "$SIDECAR_REPO"
+
+LOGS="$SIDECAR_REPO/.cache/test-logs"
+rm -rf "$LOGS"; mkdir -p "$LOGS"
+PASSED=0; FAILED=0; RESULTS=()
+
+record() {  # record NAME RC LOGFILE
+  if [ "$2" -eq 0 ]; then
+    PASSED=$((PASSED + 1)); RESULTS+=("PASS  $1")
+  else
+    FAILED=$((FAILED + 1)); RESULTS+=("FAIL  $1  (log: ${3#"$SIDECAR_REPO"/})")
+    printf '\n----- %s failed; last lines of %s -----\n' "$1" "$3"; tail -n 60 "$3"; echo '-----'
+  fi
+}
+
+check() {  # check NAME COMMAND...: one pass/fail line per command, output kept in a log
+  local name="$1" log rc start
+  shift
+  log="$LOGS/${name//[^A-Za-z0-9_.-]/_}.log"
+  start=$SECONDS
+  log "$name"
+  "$@" >"$log" 2>&1; rc=$?
+  printf '    %s in %ss\n' "$([ $rc -eq 0 ] && echo ok || echo "FAILED (rc=$rc)")" "$((SECONDS - start))"
+  record "$name" "$rc" "$log"
+}
+
+stage_pytest() {
+  local log="$LOGS/pytest.log" xml="$LOGS/pytest.xml" rc start=$SECONDS counts
+  log "pytest: unit, golden, integration (network namespaces), proxy"
+  python -m pytest -q -p no:cacheprovider --junitxml="$xml" tests proxy/tests >"$log" 2>&1; rc=$?
+  tail -n 3 "$log"
+  printf '    pytest finished in %ss (rc=%s)\n' "$((SECONDS - start))" "$rc"
+  # Count each pytest test as one result.
+  counts="$(python - "$xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    print("0 0"); sys.exit()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad)
+PY
+)"
+  local p=${counts% *} f=${counts#* }
+  PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+    # collection errors or a crash: count the run itself as a failure
+    FAILED=$((FAILED + 1))
+  fi
+  if [ "$rc" -ne 0 ]; then
+    RESULTS+=("FAIL  pytest ($p passed, $f failed; log: .cache/test-logs/pytest.log)")
+    grep -E '^(FAILED|ERROR)' "$log" | head -n 40
+  else
+    RESULTS+=("PASS  pytest ($p passed)")
+  fi
+}
+
+stage_lint() {
+  check "ruff (proxy)" ruff check proxy/src proxy/tests
+  check "mypy (proxy)" mypy --config-file proxy/pyproject.toml proxy/src
+  check "sanity + ansible-lint" bash scripts/sanity.sh
+  check "changelog lint" antsibull-changelog lint
+}
+
+stage_build() {
+  check "collection build + install + ansible-doc" bash -c '
+    set -e
+    tmp="$(mktemp -d)"; trap "rm -rf \"$tmp\"" EXIT
+    ansible-galaxy collection build --force --output-path "$tmp" .
+    ANSIBLE_COLLECTIONS_PATH="$tmp/inst" ansible-galaxy collection install -p "$tmp/inst" "$tmp"/sidecar-intercept-*.tar.gz
+    for m in iptables_chains ip_rule ip_route capture_facts; do
+      ANSIBLE_COLLECTIONS_PATH="$tmp/inst" ansible-doc -t module "sidecar.intercept.$m" >/dev/null
+    done
+    test -f "$tmp/inst/ansible_collections/sidecar/intercept/proxy/pyproject.toml"
+    test ! -e "$tmp/inst/ansible_collections/sidecar/intercept/proxy/tests"
+    echo "collection tarball builds, installs and documents its modules"'
+}
+
+stage_molecule() {
+  local s scenarios
+  scenarios="${SIDECAR_SCENARIOS:-$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort)}"
+  bash scripts/lab-image.sh bookworm trixie || { record "lab images" 1 /dev/null; return; }
+  for s in $scenarios; do
+    check "molecule $s" molecule test -s "$s"
+  done
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(pytest lint build molecule)
+for st in "${stages[@]}"; do
+  case "$st" in
+    pytest|lint|build|molecule) "stage_$st" ;;
+    *) echo "unknown stage '$st' (expected pytest, lint, build or molecule)" >&2; exit 2 ;;
+  esac
+done
+
+echo
+echo "Summary (logs in .cache/test-logs/):"
+printf '  %s\n' "${RESULTS[@]}"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ] && [ "$PASSED" -gt 0 ]
