@@ -61,8 +61,12 @@ ensure_venv() {
     log "creating the tools venv $SIDECAR_VENV ($("$py" -V))"
     rm -rf "$SIDECAR_VENV"
     "$py" -m venv "$SIDECAR_VENV" || { ensure_apt python3-venv; "$py" -m venv "$SIDECAR_VENV"; }
-    "$SIDECAR_VENV/bin/pip" install -q --disable-pip-version-check -U pip
-    "$SIDECAR_VENV/bin/pip" install -q --disable-pip-version-check -r "$req"
+    if ! { "$SIDECAR_VENV/bin/pip" install --disable-pip-version-check -U pip &&
+           "$SIDECAR_VENV/bin/pip" install --disable-pip-version-check -r "$req"; } >"$SIDECAR_CACHE/pip.log" 2>&1; then
+      tail -n 30 "$SIDECAR_CACHE/pip.log" >&2
+      rm -rf "$SIDECAR_VENV"
+      die "installing the tools venv failed (log: $SIDECAR_CACHE/pip.log)"
+    fi
   fi
   export SIDECAR_VENV PATH="$SIDECAR_VENV/bin:$PATH"
 }
