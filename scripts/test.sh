@@ -37,13 +37,14 @@ check() {  # check NAME COMMAND...: one pass/fail line per command, output kept 
   record "$name" "$rc" "$log"
 }
 
-stage_pytest() {
-  local log="$LOGS/pytest.log" xml="$LOGS/pytest.xml" rc start=$SECONDS counts
-  log "pytest: unit, golden, integration (network namespaces), proxy"
-  python -m pytest -q -p no:cacheprovider --junitxml="$xml" tests proxy/tests >"$log" 2>&1; rc=$?
-  tail -n 3 "$log"
-  printf '    pytest finished in %ss (rc=%s)\n' "$((SECONDS - start))" "$rc"
-  # Count each pytest test as one result.
+run_pytest() {  # run_pytest NAME PATH...: each pytest test counts as one result
+  local name="$1" log xml rc start=$SECONDS counts p f
+  shift
+  log="$LOGS/pytest-$name.log"; xml="$LOGS/pytest-$name.xml"
+  log "pytest ($name): $*"
+  python -m pytest -q -p no:cacheprovider --junitxml="$xml" "$@" >"$log" 2>&1; rc=$?
+  tail -n 1 "$log"
+  printf '    finished in %ss (rc=%s)\n' "$((SECONDS - start))" "$rc"
   counts="$(python - "$xml" <<'PY'
 import sys, xml.etree.ElementTree as ET
 try:
@@ -54,21 +55,24 @@ suites = [root] if root.tag == "testsuite" else list(root)
 t = sum(int(s.get("tests", 0)) for s in suites)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad)
+print(t - bad - skip, bad, skip)
 PY
 )"
-  local p=${counts% *} f=${counts#* }
+  read -r p f skip <<<"$counts"
   PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
-  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
-    # collection errors or a crash: count the run itself as a failure
-    FAILED=$((FAILED + 1))
-  fi
+  # pytest exits 5 when it collected nothing: that is a failure of the suite, as is any crash
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then FAILED=$((FAILED + 1)); fi
   if [ "$rc" -ne 0 ]; then
-    RESULTS+=("FAIL  pytest ($p passed, $f failed; log: .cache/test-logs/pytest.log)")
+    RESULTS+=("FAIL  pytest $name ($p passed, $f failed, $skip skipped; log: .cache/test-logs/pytest-$name.log)")
     grep -E '^(FAILED|ERROR)' "$log" | head -n 40
   else
-    RESULTS+=("PASS  pytest ($p passed)")
+    RESULTS+=("PASS  pytest $name ($p passed, $skip skipped)")
   fi
+}
+
+stage_pytest() {
+  run_pytest collection tests
+  run_pytest proxy proxy/tests
 }
 
 stage_lint() {
