@@ -1,0 +1,3 @@
+"""sidecar-proxy: a transparent TCP proxy for sidecar traffic interception."""
+
+__version__ = "0.1.0"

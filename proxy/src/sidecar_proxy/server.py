@@ -1,0 +1,786 @@
+"""The data plane: one edge-triggered epoll loop, zero-copy splice forwarding, admin HTTP.
+
+Every socket is non-blocking and registered once with EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET, so the loop
+never re-arms interest.  Each connection has two flows (client->upstream, upstream->client); a flow
+moves bytes src -> pipe -> dst with os.splice (the bytes never enter Python) and holds at most one
+pipe's worth in flight, which is the per-connection memory bound and the backpressure: when the pipe
+is full the flow stops reading until the destination drains it.  Pipes come from a small pool and
+go back as soon as a flow is idle, so an idle connection holds no pipe and no buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from . import __version__, netutil
+from .config import Config, ConfigError, build
+from .metrics import Metrics
+
+log = logging.getLogger("sidecar_proxy")
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+EPOLLRDHUP = select.EPOLLRDHUP
+SOCK_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | select.EPOLLET
+READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+WRITE_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
+
+HAVE_SPLICE = hasattr(os, "splice") and os.environ.get("SIDECAR_PROXY_NO_SPLICE", "") in ("", "0")
+SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if hasattr(os, "splice") else 0
+PIPE_SIZE = int(os.environ.get("SIDECAR_PROXY_PIPE_SIZE", str(1 << 20)))
+COPY_BUF = 65536
+POOL_KEEP = 64
+LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
+
+CONNECTING, OPEN, CLOSED = 0, 1, 2
+
+
+class PipePool:
+    """Non-blocking pipes for splice, reused; only pipes that are empty come back."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int, int]] = []
+        self.created = 0
+
+    def get(self) -> tuple[int, int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # unprivileged users may be over pipe-user-pages-soft
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        cap = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        self.created += 1
+        return r, w, cap
+
+    def put(self, pipe: tuple[int, int, int]) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+class BufferPool:
+    """Copy buffers for the no-splice fallback, reused like pipes."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        return self.free.pop() if self.free else bytearray(COPY_BUF)
+
+    def put(self, buf: bytearray) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+
+
+class Flow:
+    """One direction of a connection: src socket -> (pipe | buffer) -> dst socket."""
+
+    __slots__ = ("conn", "src", "dst", "pipe", "buf", "start", "pending", "eof", "done", "nbytes", "key",
+                 "upstream_side")
+
+    def __init__(self, conn: Conn, src: int, dst: int, key: tuple[str, str], upstream_side: bool) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.pipe: tuple[int, int, int] | None = None
+        self.buf: bytearray | None = None
+        self.start = 0
+        self.pending = 0
+        self.eof = False
+        self.done = False
+        self.nbytes = 0
+        self.key = key
+        self.upstream_side = upstream_side  # True: src is the upstream socket
+
+
+class Conn:
+    __slots__ = ("srv", "direction", "csock", "usock", "cfd", "ufd", "src", "dst", "t0", "last", "state",
+                 "up", "down", "t_connect")
+
+    def __init__(self, srv: Server, direction: str, csock: socket.socket, src: netutil.Addr,
+                 dst: netutil.Addr, usock: socket.socket) -> None:
+        self.srv = srv
+        self.direction = direction
+        self.csock = csock
+        self.usock = usock
+        self.cfd = csock.fileno()
+        self.ufd = usock.fileno()
+        self.src = src
+        self.dst = dst
+        self.t0 = time.time()
+        self.t_connect = time.monotonic()
+        self.last = srv.now
+        self.state = CONNECTING
+        self.up = Flow(self, self.cfd, self.ufd, (direction, "upstream"), False)
+        self.down = Flow(self, self.ufd, self.cfd, (direction, "downstream"), True)
+
+
+class Listener:
+    __slots__ = ("direction", "family", "port", "tproxy", "sock", "fd")
+
+    def __init__(self, direction: str, family: int, port: int, tproxy: bool, sock: socket.socket) -> None:
+        self.direction = direction
+        self.family = family
+        self.port = port
+        self.tproxy = tproxy
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    @property
+    def spec(self) -> tuple[str, int, int, bool]:
+        return (self.direction, self.family, self.port, self.tproxy)
+
+
+def listener_specs(cfg: Config) -> list[tuple[str, int, int, bool]]:
+    families = [socket.AF_INET] + ([socket.AF_INET6] if cfg.ipv6 else [])
+    specs: list[tuple[str, int, int, bool]] = []
+    for fam in families:
+        specs.append(("inbound", fam, cfg.inbound_port, cfg.mode == "tproxy"))
+        specs.append(("outbound", fam, cfg.outbound_port, False))
+    return specs
+
+
+class AdminConn:
+    __slots__ = ("sock", "data", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.data = b""
+        self.deadline = deadline
+
+
+class Server:
+    def __init__(self, cfg: Config, config_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.metrics = Metrics()
+        self.ep = select.epoll()
+        self.now = time.monotonic()
+        self.conns: dict[int, tuple[Conn, bool]] = {}  # fd -> (conn, is_client_side)
+        self.connecting: set[Conn] = set()
+        self.active = 0
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.listeners: dict[tuple[str, int, int, bool], Listener] = {}
+        self.admin_sock: socket.socket | None = None
+        self.admin_conns: dict[int, AdminConn] = {}
+        self.pipes = PipePool(PIPE_SIZE, POOL_KEEP)
+        self.buffers = BufferPool(POOL_KEEP)
+        self.local = netutil.LocalAddresses()
+        self.ready = False
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.stopping = False
+        self.signals: list[int] = []  # signal numbers, appended by the handler
+        self.log_lines: list[str] = []
+        self.access: IO[str] | None = None
+        self.own_ports: set[int] = set()
+        self.pt_v4: str | None = None
+        self.pt_v6: str | None = None
+        self.started = time.time()
+        self.sig_r = -1
+
+    # ------------------------------------------------------------------ setup / config
+    def apply(self, cfg: Config, initial: bool) -> None:
+        """Bind what the config needs; on failure leave the previous state untouched."""
+        wanted = listener_specs(cfg)
+        new: dict[tuple[str, int, int, bool], Listener] = {}
+        admin: socket.socket | None = None
+        try:
+            for spec in wanted:
+                if spec in self.listeners:
+                    continue
+                direction, fam, port, tproxy = spec
+                host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+                new[spec] = Listener(direction, fam, port, tproxy,
+                                     netutil.listen_socket(fam, host, port, tproxy))
+            admin_changed = (cfg.admin_address, cfg.admin_port) != (self.cfg.admin_address,
+                                                                    self.cfg.admin_port)
+            if initial or admin_changed:
+                fam = socket.AF_INET6 if ":" in cfg.admin_address else socket.AF_INET
+                admin = netutil.listen_socket(fam, cfg.admin_address, cfg.admin_port, False, 128)
+            access = self.open_access_log(cfg.access_log)
+        except OSError:
+            for lst in new.values():
+                lst.sock.close()
+            if admin is not None:
+                admin.close()
+            raise
+        # commit
+        for spec, lst in list(self.listeners.items()):
+            if spec not in wanted:
+                self.close_listener(lst)
+        for spec, lst in new.items():
+            self.listeners[spec] = lst
+            self.ep.register(lst.fd, EPOLLIN)
+            self.handlers[lst.fd] = self.make_acceptor(lst)
+        if admin is not None:
+            if self.admin_sock is not None:
+                self.handlers.pop(self.admin_sock.fileno(), None)
+                self.ep.unregister(self.admin_sock)
+                self.admin_sock.close()
+            self.admin_sock = admin
+            self.ep.register(admin.fileno(), EPOLLIN)
+            self.handlers[admin.fileno()] = self.admin_accept
+        if self.access is not None and self.access is not sys.stdout:
+            self.flush_access_log()
+            self.access.close()
+        self.access = access
+        self.cfg = cfg
+        self.own_ports = {cfg.inbound_port, cfg.outbound_port, cfg.admin_port}
+        self.local.clear()
+        v4, v6 = cfg.passthrough_source_v4, cfg.passthrough_source_v6
+        self.pt_v4 = v4 if netutil.can_bind(socket.AF_INET, v4) else None
+        self.pt_v6 = v6 if netutil.can_bind(socket.AF_INET6, v6) else None
+        if self.pt_v4 is None:
+            log.warning("passthrough source %s is not assigned here; inbound upstream source left unbound",
+                        cfg.passthrough_source_v4)
+        logging.getLogger().setLevel(cfg.log_level.upper())
+
+    @staticmethod
+    def open_access_log(path: str) -> IO[str] | None:
+        if path == "":
+            return None
+        if path == "-":
+            return sys.stdout
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the process lifetime
+
+    def close_listener(self, lst: Listener) -> None:
+        self.handlers.pop(lst.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(lst.fd)
+        lst.sock.close()
+        self.listeners.pop(lst.spec, None)
+
+    def reload(self) -> None:
+        try:
+            cfg = build(self.config_path, self.overrides)
+            self.apply(cfg, initial=False)
+        except (ConfigError, OSError) as exc:
+            self.metrics.reload_failures += 1
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        self.metrics.reloads += 1
+        log.info("configuration reloaded (%d active connections kept)", self.active)
+
+    # ------------------------------------------------------------------ accept
+    def make_acceptor(self, lst: Listener) -> Callable[[int], None]:
+        lsock = lst.sock
+        direction = lst.direction
+        get_dst = netutil.original_dst_tproxy if lst.tproxy else netutil.original_dst_redirect
+        metrics = self.metrics
+        inbound = direction == "inbound"
+
+        def on_accept(_events: int) -> None:
+            for _ in range(128):
+                try:
+                    csock, src = lsock.accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        metrics.error("accept")
+                        log.error("accept failed: %s", exc)
+                        return
+                    continue
+                metrics.connections_total[direction] += 1
+                try:
+                    dst = get_dst(csock)
+                except OSError as exc:
+                    metrics.error("original_dst")
+                    log.debug("no original destination for %s: %s", src, exc)
+                    self.reset_close(csock)
+                    self.access_entry(direction, src, None, 0, 0, 0.0, "original_dst")
+                    continue
+                if dst[1] in self.own_ports and self.local.is_local(dst[0]):
+                    metrics.error("loop")
+                    self.reset_close(csock)
+                    self.access_entry(direction, src, dst, 0, 0, 0.0, "loop")
+                    continue
+                if self.active >= self.cfg.max_connections:
+                    metrics.error("limit")
+                    self.reset_close(csock)
+                    self.access_entry(direction, src, dst, 0, 0, 0.0, "limit")
+                    continue
+                self.start_upstream(direction, inbound, csock, src, dst)
+
+        return on_accept
+
+    def start_upstream(self, direction: str, inbound: bool, csock: socket.socket, src: netutil.Addr,
+                       dst: netutil.Addr) -> None:
+        fam = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        try:
+            usock = socket.socket(fam, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.metrics.error("connect_error")
+            log.error("cannot create upstream socket: %s", exc)
+            self.reset_close(csock)
+            return
+        csock.setblocking(False)
+        usock.setblocking(False)
+        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if inbound:
+            pt = self.pt_v6 if fam == socket.AF_INET6 else self.pt_v4
+            if pt is not None:
+                try:
+                    usock.setsockopt(netutil.SOL_IP, netutil.IP_BIND_ADDRESS_NO_PORT, 1)
+                    usock.bind((pt, 0))
+                except OSError as exc:
+                    log.debug("passthrough bind %s failed: %s", pt, exc)
+        conn = Conn(self, direction, csock, src, dst, usock)
+        self.active += 1
+        self.metrics.connections_active[direction] += 1
+        err = usock.connect_ex(dst)
+        if err not in (0, errno.EINPROGRESS):
+            self.connect_failed(conn, err)
+            return
+        self.conns[conn.ufd] = (conn, False)
+        self.ep.register(conn.ufd, SOCK_EVENTS)
+        self.connecting.add(conn)
+
+    def connect_failed(self, conn: Conn, err: int) -> None:
+        kind = "connect_refused" if err == errno.ECONNREFUSED else "connect_error"
+        if err == errno.ETIMEDOUT:
+            kind = "connect_timeout"
+        self.metrics.error(kind)
+        log.debug("connect to %s failed: %s", netutil.fmt(conn.dst), os.strerror(err))
+        self.finish(conn, kind, rst_client=True)
+
+    def connected(self, conn: Conn) -> None:
+        err = conn.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.connect_failed(conn, err)
+            return
+        self.connecting.discard(conn)
+        self.metrics.observe_connect(time.monotonic() - conn.t_connect)
+        conn.state = OPEN
+        self.conns[conn.cfd] = (conn, True)
+        self.ep.register(conn.cfd, SOCK_EVENTS)
+        self.pump(conn.up)
+        if conn.state == OPEN:
+            self.pump(conn.down)
+
+    # ------------------------------------------------------------------ forwarding
+    def on_sock_event(self, conn: Conn, client_side: bool, events: int) -> None:
+        if conn.state == CONNECTING:
+            self.connected(conn)
+            return
+        if events & READ_EVENTS:
+            self.pump(conn.up if client_side else conn.down)
+        if conn.state == OPEN and events & WRITE_EVENTS:
+            self.pump(conn.down if client_side else conn.up)
+
+    def pump(self, f: Flow) -> None:
+        if f.done:
+            return
+        if HAVE_SPLICE:
+            self.pump_splice(f)
+        else:
+            self.pump_copy(f)
+
+    def pump_splice(self, f: Flow) -> None:
+        conn = f.conn
+        splice = os.splice
+        moved = 0
+        pipe = f.pipe
+        try:
+            while True:
+                if f.pending:
+                    assert pipe is not None
+                    try:
+                        while f.pending:
+                            n = splice(pipe[0], f.dst, f.pending, flags=SPLICE_FLAGS)
+                            f.pending -= n
+                            moved += n
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        self.flow_error(f, exc, writing=True)
+                        return
+                if f.eof:
+                    if not f.pending:
+                        self.half_close(f)
+                    return
+                if pipe is None:
+                    pipe = f.pipe = self.pipes.get()
+                room = pipe[2] - f.pending
+                if room <= 0:
+                    return  # pipe full and dst blocked: wait for EPOLLOUT on dst (backpressure)
+                try:
+                    n = splice(f.src, pipe[1], room, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    if not f.pending:
+                        self.pipes.put(pipe)
+                        f.pipe = None
+                    return
+                except OSError as exc:
+                    self.flow_error(f, exc, writing=False)
+                    return
+                if n == 0:
+                    f.eof = True
+                else:
+                    f.pending += n
+        finally:
+            if moved:
+                f.nbytes += moved
+                self.metrics.bytes_total[f.key] += moved
+                conn.last = self.now
+
+    def pump_copy(self, f: Flow) -> None:
+        conn = f.conn
+        moved = 0
+        try:
+            while True:
+                if f.pending:
+                    assert f.buf is not None
+                    try:
+                        while f.pending:
+                            n = os.write(f.dst, memoryview(f.buf)[f.start:f.start + f.pending])
+                            f.start += n
+                            f.pending -= n
+                            moved += n
+                    except BlockingIOError:
+                        return
+                    except OSError as exc:
+                        self.flow_error(f, exc, writing=True)
+                        return
+                if f.eof:
+                    self.half_close(f)
+                    return
+                if f.buf is None:
+                    f.buf = self.buffers.get()
+                try:
+                    n = os.readv(f.src, [f.buf])
+                except BlockingIOError:
+                    self.buffers.put(f.buf)
+                    f.buf = None
+                    return
+                except OSError as exc:
+                    self.flow_error(f, exc, writing=False)
+                    return
+                if n == 0:
+                    f.eof = True
+                else:
+                    f.start = 0
+                    f.pending = n
+        finally:
+            if moved:
+                f.nbytes += moved
+                self.metrics.bytes_total[f.key] += moved
+                conn.last = self.now
+
+    def half_close(self, f: Flow) -> None:
+        """src sent FIN and everything reached dst: pass the FIN on."""
+        f.done = True
+        if f.pipe is not None:
+            self.pipes.put(f.pipe)
+            f.pipe = None
+        if f.buf is not None:
+            self.buffers.put(f.buf)
+            f.buf = None
+        conn = f.conn
+        dst_sock = conn.csock if f.upstream_side else conn.usock
+        with contextlib.suppress(OSError):
+            dst_sock.shutdown(socket.SHUT_WR)
+        other = conn.down if f is conn.up else conn.up
+        if other.done:
+            self.finish(conn, "closed")
+
+    def flow_error(self, f: Flow, exc: OSError, writing: bool) -> None:
+        # reading src failed: src's peer reset; writing dst failed: dst's peer is gone.
+        upstream_failed = f.upstream_side != writing
+        kind = "upstream_reset" if upstream_failed else "downstream_reset"
+        self.metrics.error(kind)
+        log.debug("%s on %s: %s", kind, netutil.fmt(f.conn.dst), exc)
+        self.finish(f.conn, kind, rst_client=True, rst_upstream=True)
+
+    # ------------------------------------------------------------------ teardown
+    @staticmethod
+    def reset_close(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        sock.close()
+
+    def finish(self, conn: Conn, reason: str, rst_client: bool = False, rst_upstream: bool = False) -> None:
+        if conn.state == CLOSED:
+            return
+        conn.state = CLOSED
+        self.connecting.discard(conn)
+        self.conns.pop(conn.cfd, None)
+        self.conns.pop(conn.ufd, None)
+        for f in (conn.up, conn.down):
+            if f.pipe is not None:
+                if f.pending:
+                    self.pipes.discard(f.pipe)
+                else:
+                    self.pipes.put(f.pipe)
+                f.pipe = None
+            if f.buf is not None:
+                self.buffers.put(f.buf)
+                f.buf = None
+        # closing an fd removes it from the epoll set (we never dup them)
+        if rst_client:
+            self.reset_close(conn.csock)
+        else:
+            conn.csock.close()
+        if rst_upstream:
+            self.reset_close(conn.usock)
+        else:
+            conn.usock.close()
+        self.active -= 1
+        self.metrics.connections_active[conn.direction] -= 1
+        if self.access is not None:
+            self.access_entry(conn.direction, conn.src, conn.dst, conn.up.nbytes, conn.down.nbytes,
+                              (time.time() - conn.t0) * 1000.0, reason, conn.t0)
+
+    def access_entry(self, direction: str, src: Any, dst: netutil.Addr | None, bytes_in: int,
+                     bytes_out: int, duration_ms: float, reason: str, t0: float | None = None) -> None:
+        if self.access is None:
+            return
+        start = datetime.datetime.fromtimestamp(t0 if t0 is not None else time.time(), datetime.timezone.utc)
+        self.log_lines.append(json.dumps({
+            "start_time": start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "direction": direction,
+            "src": netutil.fmt(src),
+            "dst": netutil.fmt(dst) if dst is not None else None,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": round(duration_ms, 3),
+            "reason": reason,
+        }, separators=(",", ":")))
+
+    def flush_access_log(self) -> None:
+        if not self.log_lines:
+            return
+        lines, self.log_lines = self.log_lines, []
+        if self.access is None:
+            return
+        try:
+            self.access.write("\n".join(lines) + "\n")
+            self.access.flush()
+        except OSError as exc:
+            log.error("access log write failed: %s", exc)
+
+    # ------------------------------------------------------------------ timers
+    def sweep(self) -> None:
+        now = self.now
+        if self.connecting:
+            limit = self.cfg.connect_timeout
+            for conn in [c for c in self.connecting if now - c.t_connect >= limit]:
+                self.metrics.error("connect_timeout")
+                self.finish(conn, "connect_timeout", rst_client=True, rst_upstream=True)
+        idle = self.cfg.idle_timeout
+        expired = [c for c, side in self.conns.values() if side and now - c.last >= idle]
+        for conn in expired:
+            self.metrics.error("idle_timeout")
+            self.finish(conn, "idle_timeout")
+        for fd, ac in list(self.admin_conns.items()):
+            if now >= ac.deadline:
+                self.admin_close(fd)
+
+    # ------------------------------------------------------------------ admin HTTP
+    def admin_accept(self, _events: int) -> None:
+        assert self.admin_sock is not None
+        for _ in range(16):
+            try:
+                sock, _addr = self.admin_sock.accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            fd = sock.fileno()
+            self.admin_conns[fd] = AdminConn(sock, self.now + 5.0)
+            self.ep.register(fd, EPOLLIN | EPOLLRDHUP)
+            self.handlers[fd] = self.admin_reader(fd)
+
+    def admin_reader(self, fd: int) -> Callable[[int], None]:
+        def on_read(_events: int) -> None:
+            self.admin_read(fd)
+
+        return on_read
+
+    def admin_close(self, fd: int) -> None:
+        ac = self.admin_conns.pop(fd, None)
+        self.handlers.pop(fd, None)
+        if ac is not None:
+            ac.sock.close()
+
+    def admin_read(self, fd: int) -> None:
+        ac = self.admin_conns.get(fd)
+        if ac is None:
+            return
+        try:
+            chunk = ac.sock.recv(8192)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.admin_close(fd)
+            return
+        if not chunk:
+            self.admin_close(fd)
+            return
+        ac.data += chunk
+        if b"\r\n\r\n" not in ac.data and b"\n\n" not in ac.data:
+            if len(ac.data) > 16384:
+                self.admin_close(fd)
+            return
+        line = ac.data.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split()
+        method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+        status, ctype, body = self.admin_response(method, path.split("?", 1)[0])
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode()
+        try:
+            ac.sock.setblocking(True)
+            ac.sock.settimeout(2.0)
+            ac.sock.sendall(head + (body if method != "HEAD" else b""))
+        except OSError:
+            pass
+        self.admin_close(fd)
+
+    def admin_response(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+        if path == "/ready":
+            if self.ready and not self.draining:
+                return "200 OK", "text/plain", b"ready\n"
+            why = b"draining\n" if self.draining else b"not ready\n"
+            return "503 Service Unavailable", "text/plain", why
+        if path == "/metrics":
+            text = self.metrics.prometheus(self.ready, self.draining)
+            return "200 OK", "text/plain; version=0.0.4", text.encode()
+        if path == "/stats":
+            stats = self.metrics.stats()
+            stats.update({
+                "version": __version__,
+                "mode": self.cfg.mode,
+                "ready": self.ready and not self.draining,
+                "draining": self.draining,
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "splice": HAVE_SPLICE,
+                "pipes": {"created": self.pipes.created, "pooled": len(self.pipes.free)},
+                "listeners": [{"direction": lst.direction, "port": lst.port,
+                               "family": "ipv6" if lst.family == socket.AF_INET6 else "ipv4",
+                               "tproxy": lst.tproxy} for lst in self.listeners.values()],
+                "config": {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
+            })
+            return "200 OK", "application/json", (json.dumps(stats, indent=1) + "\n").encode()
+        return "404 Not Found", "text/plain", b"not found: try /ready /metrics /stats\n"
+
+    # ------------------------------------------------------------------ main loop
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def on_signal_fd(self, _events: int) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.sig_r, 64):
+                pass
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline = self.now + self.cfg.drain_timeout
+        for lst in list(self.listeners.values()):
+            self.close_listener(lst)
+        log.info("draining: listeners closed, %d active connections, deadline %.1fs",
+                 self.active, self.cfg.drain_timeout)
+
+    def run(self) -> int:
+        raise_nofile_limit()
+        try:
+            self.apply(self.cfg, initial=True)
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.on_signal)
+        self.ep.register(self.sig_r, EPOLLIN)
+        self.handlers[self.sig_r] = self.on_signal_fd
+        self.ready = True
+        log.info("sidecar-proxy %s ready: mode=%s inbound=%d outbound=%d admin=%s:%d splice=%s",
+                 __version__, self.cfg.mode, self.cfg.inbound_port, self.cfg.outbound_port,
+                 self.cfg.admin_address, self.cfg.admin_port, HAVE_SPLICE)
+        self.flush_access_log()
+        sys.stderr.flush()
+        conns = self.conns
+        handlers = self.handlers
+        poll = self.ep.poll
+        next_sweep = time.monotonic() + 0.25
+        on_sock_event = self.on_sock_event
+        while True:
+            events = poll(0.25 if not self.draining else 0.05, 1024)
+            self.now = now = time.monotonic()
+            for fd, ev in events:
+                hit = conns.get(fd)
+                if hit is not None:
+                    on_sock_event(hit[0], hit[1], ev)
+                else:
+                    h = handlers.get(fd)
+                    if h is not None:
+                        h(ev)
+            if self.log_lines:
+                self.flush_access_log()
+            if self.signals:
+                sigs, self.signals = self.signals, []
+                for sig in sigs:
+                    if sig == signal.SIGHUP:
+                        self.reload()
+                    else:
+                        self.begin_drain()
+            if now >= next_sweep:
+                next_sweep = now + 0.25
+                self.sweep()
+                if self.log_lines:
+                    self.flush_access_log()
+            if self.draining and (self.active == 0 or now >= self.drain_deadline):
+                break
+        if self.active:
+            log.warning("drain deadline reached, closing %d connections", self.active)
+            for conn, side in list(conns.values()):
+                if side or conn.state == CONNECTING:
+                    self.metrics.error("drain")
+                    self.finish(conn, "drain", rst_client=True, rst_upstream=True)
+            for conn in list(self.connecting):
+                self.finish(conn, "drain", rst_client=True, rst_upstream=True)
+        self.flush_access_log()
+        log.info("stopped")
+        return 0
+
+
+def raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20,
+                                                        hard))
