@@ -418,6 +418,7 @@ class Server:
                         while f.pending:
                             n = splice(pipe[0], f.dst, f.pending, flags=SPLICE_FLAGS)
                             f.pending -= n
+                            f.nbytes += n
                             moved += n
                     except BlockingIOError:
                         pass
@@ -449,7 +450,6 @@ class Server:
                     f.pending += n
         finally:
             if moved:
-                f.nbytes += moved
                 self.metrics.bytes_total[f.key] += moved
                 conn.last = self.now
 
@@ -465,6 +465,7 @@ class Server:
                             n = os.write(f.dst, memoryview(f.buf)[f.start:f.start + f.pending])
                             f.start += n
                             f.pending -= n
+                            f.nbytes += n
                             moved += n
                     except BlockingIOError:
                         return
@@ -492,7 +493,6 @@ class Server:
                     f.pending = n
         finally:
             if moved:
-                f.nbytes += moved
                 self.metrics.bytes_total[f.key] += moved
                 conn.last = self.now
 
