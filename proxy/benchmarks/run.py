@@ -386,6 +386,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all contenders (default 3)")
     ap.add_argument("--quick", action="store_true", help="2 s per measurement, 1 round")
     ap.add_argument("--only", help="comma-separated contender names")
+    ap.add_argument("--measure", default="throughput,latency,rate,rss",
+                    help="subset of throughput,latency,rate,rss (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -411,6 +413,7 @@ def main() -> int:
     if args.only:
         keep = {x.strip() for x in args.only.split(",")}
         names = [n for n in names if n[0] in keep or n[0] == "direct"]
+    measure = set(args.measure.split(","))
     contenders = [Contender(n, k, c, work) for n, k, c in names]
     results: dict[str, dict[str, list[float]]] = {c.name: {m[0]: [] for m in METRICS} for c in contenders}
     try:
@@ -423,14 +426,18 @@ def main() -> int:
                     c.start()
                     try:
                         res = results[c.name]
-                        res["gbps"].append(throughput(args.duration))
-                        p50, p99 = latency(args.duration)
-                        res["p50"].append(p50)
-                        res["p99"].append(p99)
-                        res["cps"].append(conn_rate(args.duration))
-                        rss0, rss1k = idle_rss(c.proc, idle)
-                        res["rss0"].append(rss0)
-                        res["rss1k"].append(rss1k)
+                        if "throughput" in measure:
+                            res["gbps"].append(throughput(args.duration))
+                        if "latency" in measure:
+                            p50, p99 = latency(args.duration)
+                            res["p50"].append(p50)
+                            res["p99"].append(p99)
+                        if "rate" in measure:
+                            res["cps"].append(conn_rate(args.duration))
+                        if "rss" in measure:
+                            rss0, rss1k = idle_rss(c.proc, idle)
+                            res["rss0"].append(rss0)
+                            res["rss1k"].append(rss1k)
                     finally:
                         c.stop()
                     time.sleep(0.5)

@@ -101,7 +101,7 @@ class Flow:
     """One direction of a connection: src socket -> (pipe | buffer) -> dst socket."""
 
     __slots__ = ("conn", "src", "dst", "pipe", "buf", "start", "pending", "eof", "done", "nbytes", "key",
-                 "upstream_side")
+                 "upstream_side", "wblocked")
 
     def __init__(self, conn: Conn, src: int, dst: int, key: tuple[str, str], upstream_side: bool) -> None:
         self.conn = conn
@@ -116,6 +116,7 @@ class Flow:
         self.nbytes = 0
         self.key = key
         self.upstream_side = upstream_side  # True: src is the upstream socket
+        self.wblocked = False  # buffer full and dst returned EAGAIN: only EPOLLOUT on dst helps
 
 
 class Conn:
@@ -373,7 +374,7 @@ class Server:
         log.debug("connect to %s failed: %s", netutil.fmt(conn.dst), os.strerror(err))
         self.finish(conn, kind, rst_client=True)
 
-    def connected(self, conn: Conn) -> None:
+    def connected(self, conn: Conn, events: int) -> None:
         err = conn.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.connect_failed(conn, err)
@@ -382,24 +383,33 @@ class Server:
         self.metrics.observe_connect(time.monotonic() - conn.t_connect)
         conn.state = OPEN
         self.conns[conn.cfd] = (conn, True)
+        # registering reports the client socket's current readiness as an event, which starts the
+        # client->upstream flow; the upstream->client flow starts on upstream's next EPOLLIN edge
         self.ep.register(conn.cfd, SOCK_EVENTS)
-        self.pump(conn.up)
-        if conn.state == OPEN:
+        if events & READ_EVENTS:  # the upstream spoke first, in the same event as the connect
             self.pump(conn.down)
 
     # ------------------------------------------------------------------ forwarding
     def on_sock_event(self, conn: Conn, client_side: bool, events: int) -> None:
         if conn.state == CONNECTING:
-            self.connected(conn)
+            self.connected(conn, events)
             return
         if events & READ_EVENTS:
-            self.pump(conn.up if client_side else conn.down)
+            f = conn.up if client_side else conn.down
+            # a flow whose pipe is full waits for its destination, not for more input
+            if not f.wblocked or events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP):
+                self.pump(f)
         if conn.state == OPEN and events & WRITE_EVENTS:
-            self.pump(conn.down if client_side else conn.up)
+            # edge-triggered events carry every ready bit; only a flow that has bytes waiting for this
+            # socket cares that it is writable (anything else would be a wasted EAGAIN syscall)
+            f = conn.down if client_side else conn.up
+            if f.pending or events & (EPOLLERR | EPOLLHUP):
+                self.pump(f)
 
     def pump(self, f: Flow) -> None:
         if f.done:
             return
+        f.wblocked = False
         if HAVE_SPLICE:
             self.pump_splice(f)
         else:
@@ -433,6 +443,7 @@ class Server:
                     pipe = f.pipe = self.pipes.get()
                 room = pipe[2] - f.pending
                 if room <= 0:
+                    f.wblocked = True
                     return  # pipe full and dst blocked: wait for EPOLLOUT on dst (backpressure)
                 try:
                     n = splice(f.src, pipe[1], room, flags=SPLICE_FLAGS)
@@ -468,6 +479,7 @@ class Server:
                             f.nbytes += n
                             moved += n
                     except BlockingIOError:
+                        f.wblocked = True
                         return
                     except OSError as exc:
                         self.flow_error(f, exc, writing=True)
