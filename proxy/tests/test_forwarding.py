@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
-from conftest import PROXY_UID, Topo, connect, recv_all
+from conftest import PROXY_UID, SRC, Topo, connect, ns_socket, recv_all
 
 FAMILIES = [pytest.param(socket.AF_INET, id="ipv4"), pytest.param(socket.AF_INET6, id="ipv6")]
 
@@ -75,10 +79,11 @@ def test_redirect_outbound_as_proxy_uid(topo: Topo, start_proxy: Any, serve: Any
     assert proxy.stats()["connections_total"] == {"inbound": 0, "outbound": 1}
 
 
-def test_no_splice_fallback(topo: Topo, start_proxy: Any, serve: Any) -> None:
+@pytest.mark.parametrize("forward", ["copy", "splice"])
+def test_forwarding_techniques(topo: Topo, start_proxy: Any, serve: Any, forward: str) -> None:
     topo.redirect_inbound()
-    proxy = start_proxy(topo.sns, {}, env={"SIDECAR_PROXY_NO_SPLICE": "1"})
-    assert proxy.stats()["splice"] is False
+    proxy = start_proxy(topo.sns, {}, env={"SIDECAR_PROXY_FORWARD": forward})
+    assert proxy.stats()["forwarding"] == forward
     serve(topo.sns, socket.AF_INET, 8080)
     payload = bytes(range(256)) * 4096
     with connect(topo.cns, socket.AF_INET, (topo.s4, 8080)) as s:
@@ -119,3 +124,31 @@ def test_half_close_both_ways(topo: Topo, start_proxy: Any, serve: Any) -> None:
         s.sendall(b"client data")  # the half-open connection still carries data upstream
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b""
+
+
+def test_defaults_without_config_file(topo: Topo) -> None:
+    """`python -m sidecar_proxy` without a config: inbound REDIRECT :15006, outbound :15001, admin :15000."""
+    proc = subprocess.Popen(["ip", "netns", "exec", topo.sns, sys.executable, "-m", "sidecar_proxy"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=str(SRC)), cwd="/")
+    try:
+        deadline = time.monotonic() + 10
+        body = b""
+        while time.monotonic() < deadline:
+            s = ns_socket(topo.sns)
+            try:
+                s.connect(("127.0.0.1", 15000))
+                s.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+                body = recv_all(s)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+            finally:
+                s.close()
+        stats = json.loads(body.partition(b"\r\n\r\n")[2])
+        assert stats["ready"] is True and stats["mode"] == "redirect"
+        ports = {(x["direction"], x["port"], x["tproxy"]) for x in stats["listeners"]}
+        assert ports == {("inbound", 15006, False), ("outbound", 15001, False)}
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
