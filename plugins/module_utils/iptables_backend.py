@@ -1,0 +1,61 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) sidecar.intercept developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Running iptables tools: backend detection (like istio-iptables) and save/restore helpers."""
+
+from __future__ import annotations
+
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import count_rules, tool
+
+C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
+
+
+def run(module, args, data=None, check_rc=True):
+    rc, out, err = module.run_command(args, data=data, environ_update=C_LOCALE, binary_data=data is not None)
+    if check_rc and rc != 0:
+        module.fail_json(msg="%s failed (rc=%d): %s" % (" ".join(args), rc, (err or out).strip()),
+                         rc=rc, stdout=out, stderr=err, cmd=args)
+    return rc, out, err
+
+
+def detect_backend(module, requested="auto"):
+    """Pick the iptables backend.
+
+    'legacy' or 'nft' when requested; for 'auto', legacy when iptables-legacy already holds rules
+    (IPv4 or IPv6), else nft (what istio-iptables does). Falls back to the plain tools when the
+    -legacy/-nft variants do not exist (returns 'plain').
+    """
+    if requested in ("legacy", "nft"):
+        for fam in ("ipv4",):
+            if not module.get_bin_path(tool(fam, requested, "restore")):
+                module.fail_json(msg="sidecar_capture_backend=%s but %s is not installed"
+                                 % (requested, tool(fam, requested, "restore")))
+        return requested
+    if not module.get_bin_path(tool("ipv4", "legacy", "save")) or not module.get_bin_path(tool("ipv4", "nft", "save")):
+        if module.get_bin_path(tool("ipv4", None, "save")):
+            return "plain"
+        module.fail_json(msg="no iptables tools found (install the iptables package)")
+    for fam in ("ipv4", "ipv6"):
+        path = module.get_bin_path(tool(fam, "legacy", "save"))
+        if not path:
+            continue
+        rc, out, _err = run(module, [path], check_rc=False)
+        if rc == 0 and count_rules(out) > 0:
+            return "legacy"
+    return "nft"
+
+
+def save(module, family, backend, counters=False):
+    path = module.get_bin_path(tool(family, backend, "save"), required=True)
+    args = [path]
+    if counters:
+        args.append("-c")
+    return run(module, args)[1]
+
+
+def restore(module, family, backend, payload, test=False):
+    path = module.get_bin_path(tool(family, backend, "restore"), required=True)
+    args = [path, "--noflush", "-w", "5"]
+    if test:
+        args.append("--test")
+    return run(module, args, data=payload)

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Render roles/capture/templates/rules.j2 for every case in tests/golden/cases.yml.
+
+    python tests/golden/regen.py          # rewrite the golden files
+    python tests/golden/regen.py --check  # exit 1 when a golden file differs (what the unit test does)
+
+Rendering uses the role defaults plus the case's overrides, with Ansible's template settings
+(trim_blocks), so the output equals what the role writes to /etc/sidecar-intercept/rules.v4|v6.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jinja2
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLE = ROOT / "roles" / "capture"
+GOLDEN = Path(__file__).resolve().parent
+FAMILIES = ("ipv4", "ipv6")
+
+
+def render(overrides: dict, family: str) -> str:
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")),
+                             trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    variables = {**defaults, **overrides, "_sidecar_capture_family": family}
+    return env.get_template("rules.j2").render(**variables)
+
+
+def expected() -> dict[Path, str]:
+    cases = yaml.safe_load((GOLDEN / "cases.yml").read_text())
+    return {GOLDEN / "cases" / f"{name}.{family}.rules": render(settings or {}, family)
+            for name, settings in cases.items() for family in FAMILIES}
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    bad = 0
+    for path, text in expected().items():
+        if check:
+            if not path.exists() or path.read_text() != text:
+                print(f"differs: {path.relative_to(ROOT)}")
+                bad += 1
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
