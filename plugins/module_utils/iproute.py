@@ -434,6 +434,8 @@ def route_desired(params, names=None):
     metric = params.get('metric')
     if metric is not None and not 0 <= metric <= TABLE_MAX:
         raise IprouteError("metric: '%s' is out of range (0-%d)" % (metric, TABLE_MAX))
+    if version == 6 and params.get('scope') is not None:
+        raise IprouteError("scope: '%s' is set, but IPv6 routes have no scope" % params['scope'])
     if params.get('state', 'present') == 'present':
         rtype = rtype or 'unicast'
         if rtype in REJECT_TYPES and (dev or via):

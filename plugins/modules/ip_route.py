@@ -61,7 +61,9 @@ options:
     type: int
     aliases: [priority]
   scope:
-    description: Route scope (V(global), V(link), V(host), V(site), V(nowhere) or a number). Compared only when set.
+    description:
+      - Route scope (V(global), V(link), V(host), V(site), V(nowhere) or a number). Compared only when set.
+      - IPv4 only; IPv6 routes have no scope, and setting it with O(family=ipv6) is an error.
     type: str
   proto:
     description: Routing protocol that owns the route (for example V(static), V(boot) or a number). Compared only when set.
