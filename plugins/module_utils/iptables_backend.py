@@ -45,17 +45,32 @@ def detect_backend(module, requested="auto"):
     return "nft"
 
 
-def save(module, family, backend, counters=False):
-    path = module.get_bin_path(tool(family, backend, "save"), required=True)
+def save(module, family, backend, counters=False, fail=True):
+    """iptables-save output; with fail=False a failure raises RuntimeError instead of failing the module."""
+    name = tool(family, backend, "save")
+    path = module.get_bin_path(name)
+    if not path:
+        if fail:
+            module.fail_json(msg="%s is not installed" % name)
+        raise RuntimeError("%s is not installed" % name)
     args = [path]
     if counters:
         args.append("-c")
-    return run(module, args)[1]
+    rc, out, err = run(module, args, check_rc=fail)
+    if rc != 0:
+        raise RuntimeError("%s failed: %s" % (name, err.strip()))
+    return out
 
 
-def restore(module, family, backend, payload, test=False):
+def restore(module, family, backend, payload, test=False, what=None):
+    """Apply (or with test=True only check) an iptables-restore --noflush payload."""
     path = module.get_bin_path(tool(family, backend, "restore"), required=True)
     args = [path, "--noflush", "-w", "5"]
     if test:
         args.append("--test")
-    return run(module, args, data=payload)
+    rc, out, err = run(module, args, data=payload, check_rc=False)
+    if rc != 0:
+        module.fail_json(msg="%s%s rejected the %s rules (nothing was changed): %s"
+                         % (what + ": " if what else "", " ".join(args), family, (err or out).strip()),
+                         rc=rc, stderr=err, payload=payload)
+    return rc, out, err

@@ -44,6 +44,13 @@ options:
     type: str
     choices: [present, absent]
     default: present
+  test_only:
+    description:
+      - Only check that the kernel and the tools accept every rule (C(iptables-restore --test) of the
+        whole ruleset as if nothing were installed); changes nothing. A preflight for modes that need
+        TPROXY, C(socket), C(owner) or IPv6 NAT support.
+    type: bool
+    default: false
   jump_position:
     description: Where a missing jump is added in its built-in chain.
     type: str
@@ -122,6 +129,7 @@ def main():
             rules=dict(type="str", required=True),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             jump_position=dict(type="str", choices=["first", "append"], default="first"),
+            test_only=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -131,6 +139,12 @@ def main():
     except RulesError as exc:
         module.fail_json(msg="invalid rules: %s" % exc)
     backend = detect_backend(module, p["backend"])
+    if p["test_only"]:
+        empty = {t: {"chains": {}, "jumps": []} for t in desired}
+        _changes, payload = plan(desired, empty, "present", p["jump_position"])
+        restore(module, p["family"], backend, payload, test=True,
+                what="preflight: the kernel or the %s tools lack something these rules need" % backend)
+        module.exit_json(changed=False, backend=backend, changes=[], payload=payload)
     current = current_state(save(module, p["family"], backend), desired)
     changes, payload = plan(desired, current, p["state"], p["jump_position"])
     result = dict(changed=bool(changes), backend=backend, changes=changes, payload=payload)
@@ -142,7 +156,7 @@ def main():
             after_header="%s %s (%s)" % (p["family"], "owned chains", backend),
         )
     if changes and not module.check_mode:
-        restore(module, p["family"], backend, payload, test=True)
+        restore(module, p["family"], backend, payload, test=True, what="check before apply")
         restore(module, p["family"], backend, payload)
         again = current_state(save(module, p["family"], backend), desired)
         left, _payload = plan(desired, again, p["state"], p["jump_position"])
