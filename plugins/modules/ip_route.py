@@ -25,7 +25,7 @@ description:
     one with the same destination and metric (the kernel's identity of a route).
   - All input is validated before anything runs; an error names the bad value.
 author:
-  - sidecar.intercept developers
+  - sidecar.intercept developers (@sidecar)
 options:
   family:
     description: Address family of the route.
@@ -50,7 +50,9 @@ options:
     type: str
     aliases: [gateway]
   table:
-    description: Routing table, as a number (1 to 4294967295) or a name that iproute2 knows (C(main), C(local), C(default), names in C(/etc/iproute2/rt_tables)).
+    description:
+      - Routing table, as a number (1 to 4294967295) or a name that iproute2 knows (C(main), C(local),
+        C(default), names in C(/etc/iproute2/rt_tables)).
     type: raw
     default: main
   metric:

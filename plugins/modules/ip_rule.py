@@ -24,7 +24,7 @@ description:
     where those are set.
   - All input is validated before anything runs; an error names the bad value.
 author:
-  - sidecar.intercept developers
+  - sidecar.intercept developers (@sidecar)
 options:
   family:
     description: Address family of the rule.

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Sanity gate for the collection: `ansible-test sanity` and `ansible-lint --profile production`.
+#
+# Usage: scripts/sanity.sh [--untracked] [ansible-test sanity options, e.g. --test validate-modules]
+#   --untracked  also check files git does not track yet (default: tracked files only, as CI sees them)
+# Prints "SANITY PASSED" or "SANITY FAILED: <gates>" at the end; exits non-zero on any failure.
+#
+# How it works here, without get-pip.py:
+# - ansible-test needs the collection at .../ansible_collections/sidecar/intercept, so the tracked files
+#   (working-tree content) are copied into a temporary tree of that shape, removed again on exit.
+# - ansible-test runs the single-version tests (ansible-doc, validate-modules, pylint, pep8, yamllint,
+#   runtime-metadata, changelog, ...) in virtualenvs it creates itself, even without --venv, and
+#   bootstraps pip into them with get-pip.py downloaded from ci-files.testing.ansible.com, which is not
+#   reachable from this network. The bootstrap script is looked up in ~/.ansible/test/cache first, so
+#   this script points HOME (for ansible-test only) at its own cache directory and puts a stand-in
+#   there that installs pip from the interpreter's bundled wheel (ensurepip). The test requirements
+#   that ansible-test pins are then installed by pip from the package index, once: the virtualenvs are
+#   reused until ansible-test's pins change.
+# - shellcheck needs the `shellcheck` binary: installed from Debian when missing and running as root;
+#   otherwise ansible-test warns and skips it. Not run: pslint (no PowerShell here, and the collection
+#   has no .ps1 files).
+# - Any error reported by a test that runs fails the gate. tests/sanity/ignore-X.Y.txt files are used
+#   only when present.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+if ! command -v ansible-test >/dev/null 2>&1 || ! command -v ansible-lint >/dev/null 2>&1; then
+  # not called from test.sh: get the tools venv and the collection path the usual way
+  # shellcheck source=scripts/env.sh
+  . "$here/env.sh"
+  sidecar_setup
+fi
+
+# ansible-test's shellcheck test needs the binary (Debian package shellcheck, about 10 s to install)
+if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck; } \
+    >/dev/null 2>&1 || echo "warning: could not install shellcheck; ansible-test will skip that test" >&2
+fi
+
+untracked=0
+if [ "${1:-}" = --untracked ]; then untracked=1; shift; fi
+
+cache="${SIDECAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-intercept}"
+test_home="$cache/ansible-test-home"
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/sidecar-sanity.XXXXXX")"
+cleanup() { rm -rf "$tmp"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+failed=()
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# 1. the collection tree ansible-test wants: what `ansible-galaxy collection build` ships (galaxy.yml's
+#    build_ignore applies, so proxy/tests and proxy/benchmarks - linted by ruff and mypy - stay out)
+dest="$tmp/ansible_collections/sidecar/intercept"
+mkdir -p "$dest"
+cat >"$tmp/ignore.py" <<'PY'
+import fnmatch, sys, yaml
+with open(sys.argv[1]) as fh:
+    patterns = (yaml.safe_load(fh) or {}).get('build_ignore') or []
+def ignored(path):
+    parts = path.split('/')
+    return any(fnmatch.fnmatch('/'.join(parts[:i]), p) for p in patterns for i in range(1, len(parts) + 1))
+for name in sys.stdin.buffer.read().split(b'\0'):
+    if name and not ignored(name.decode()):
+        sys.stdout.buffer.write(name + b'\0')
+PY
+(
+  cd "$repo" || exit 1
+  { git ls-files -z; if [ "$untracked" = 1 ]; then git ls-files -z --others --exclude-standard; fi; } |
+    while IFS= read -r -d '' f; do
+      [ -e "$f" ] || continue   # deleted in the working tree
+      printf '%s\0' "$f"
+    done | python "$tmp/ignore.py" galaxy.yml | xargs -0 -r cp --parents -P -t "$dest"
+) || { echo "SANITY FAILED: could not copy the collection" >&2; exit 1; }
+
+# 2. the pip bootstrap stand-in, for the pip version this ansible-test pins
+pyver="$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+pipver="$(python - <<'PY'
+import os, re, ansible_test
+src = open(os.path.join(os.path.dirname(ansible_test.__file__), '_internal', 'python_requirements.py')).read()
+m = re.search(r"pip='([0-9.]+)'", src)
+print(m.group(1) if m else '')
+PY
+)"
+if [ -n "$pipver" ]; then
+  mkdir -p "$test_home/.ansible/test/cache"
+  cat >"$test_home/.ansible/test/cache/get_pip_${pipver//./_}.py" <<'PY'
+"""Stand-in for get-pip.py (written by scripts/sanity.sh): pip from the bundled wheel, then pip install."""
+import subprocess
+import sys
+
+args = [a for a in sys.argv[1:] if a not in ('--no-setuptools', '--no-wheel')]
+subprocess.check_call([sys.executable, '-m', 'ensurepip', '--default-pip'], stdout=subprocess.DEVNULL)
+sys.exit(subprocess.call([sys.executable, '-m', 'pip', 'install', '--upgrade', '--force-reinstall'] + args))
+PY
+else
+  echo "warning: cannot tell which pip ansible-test bootstraps; it may try to download get-pip.py" >&2
+fi
+
+# 3. ansible-test sanity
+say "ansible-test sanity --python $pyver $*"
+(
+  cd "$dest" || exit 1
+  HOME="$test_home" ANSIBLE_COLLECTIONS_PATH="$tmp" ANSIBLE_COLLECTIONS_PATHS="$tmp" \
+    ansible-test sanity --python "$pyver" --color no "$@"
+) || failed+=("ansible-test sanity")
+
+# 4. ansible-lint, production profile, over the content that exists
+lint_paths=()
+for p in roles playbooks molecule; do
+  [ -d "$dest/$p" ] && lint_paths+=("$p")
+done
+if [ ${#lint_paths[@]} -gt 0 ]; then
+  say "ansible-lint --profile production ${lint_paths[*]}"
+  (
+    cd "$dest" || exit 1
+    env -u ANSIBLE_COLLECTIONS_PATHS ANSIBLE_COLLECTIONS_PATH="$tmp" ansible-lint --offline --profile production --nocolor "${lint_paths[@]}"
+  ) || failed+=("ansible-lint")
+else
+  say "ansible-lint: no roles, playbooks or molecule scenarios yet"
+fi
+
+echo
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "SANITY PASSED (ansible-test sanity, ansible-lint --profile production)"
+else
+  echo "SANITY FAILED: ${failed[*]}"
+  exit 1
+fi
