@@ -383,6 +383,14 @@ def test_reload_keeps_live_connections(topo: Topo, start_proxy: Any, serve: Any)
     with connect(topo.cns, socket.AF_INET, (topo.s4, 8080)) as s2:  # new connections still work
         s2.sendall(b"new")
         assert s2.recv(3) == b"new"
+    # switching the inbound mode rebinds the inbound port as a transparent listener
+    proxy.rewrite(mode="tproxy")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_until(lambda: _stat(proxy, "reloads", "ok") == 2)
+    assert {(x["direction"], x["tproxy"]) for x in proxy.stats()["listeners"]} == {
+        ("inbound", True), ("outbound", False)}
+    s.sendall(b"mode!")
+    assert s.recv(5) == b"mode!"
     # a bad file on reload keeps the running configuration
     proxy.path.write_text('{"inbound_port": "nope"}')
     proxy.signal(signal.SIGHUP)

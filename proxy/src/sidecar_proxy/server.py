@@ -217,34 +217,43 @@ class Server:
         wanted = listener_specs(cfg)
         new: dict[tuple[str, int, int, bool], Listener] = {}
         admin: socket.socket | None = None
+        admin_fam = socket.AF_INET6 if ":" in cfg.admin_address else socket.AF_INET
+        admin_changed = initial or (cfg.admin_address, cfg.admin_port) != (self.cfg.admin_address,
+                                                                           self.cfg.admin_port)
+        # a listener that goes away but whose port a new one needs (mode change, swapped ports) must
+        # close first; it is rebound if the new configuration cannot be applied
+        needed = {(spec[1], spec[2]) for spec in wanted if spec not in self.listeners}
+        if admin_changed:
+            needed.add((admin_fam, cfg.admin_port))
+        early = [lst for spec, lst in self.listeners.items()
+                 if spec not in wanted and (lst.family, lst.port) in needed]
+        for lst in early:
+            self.close_listener(lst)
         try:
             for spec in wanted:
                 if spec in self.listeners:
                     continue
-                direction, fam, port, tproxy = spec
-                host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
-                new[spec] = Listener(direction, fam, port, tproxy,
-                                     netutil.listen_socket(fam, host, port, tproxy))
-            admin_changed = (cfg.admin_address, cfg.admin_port) != (self.cfg.admin_address,
-                                                                    self.cfg.admin_port)
-            if initial or admin_changed:
-                fam = socket.AF_INET6 if ":" in cfg.admin_address else socket.AF_INET
-                admin = netutil.listen_socket(fam, cfg.admin_address, cfg.admin_port, False, 128)
+                new[spec] = self.bind_listener(spec)
+            if admin_changed:
+                admin = netutil.listen_socket(admin_fam, cfg.admin_address, cfg.admin_port, False, 128)
             access = self.open_access_log(cfg.access_log)
         except OSError:
             for lst in new.values():
                 lst.sock.close()
             if admin is not None:
                 admin.close()
+            for old in early:
+                try:
+                    self.add_listener(self.bind_listener(old.spec))
+                except OSError as exc:
+                    log.error("cannot rebind %s listener on port %d: %s", old.direction, old.port, exc)
             raise
         # commit
         for spec, lst in list(self.listeners.items()):
             if spec not in wanted:
                 self.close_listener(lst)
-        for spec, lst in new.items():
-            self.listeners[spec] = lst
-            self.ep.register(lst.fd, EPOLLIN)
-            self.handlers[lst.fd] = self.make_acceptor(lst)
+        for lst in new.values():
+            self.add_listener(lst)
         if admin is not None:
             if self.admin_sock is not None:
                 self.handlers.pop(self.admin_sock.fileno(), None)
@@ -269,6 +278,17 @@ class Server:
         logging.getLogger().setLevel(cfg.log_level.upper())
 
     @staticmethod
+    def bind_listener(spec: tuple[str, int, int, bool]) -> Listener:
+        direction, fam, port, tproxy = spec
+        host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+        return Listener(direction, fam, port, tproxy, netutil.listen_socket(fam, host, port, tproxy))
+
+    def add_listener(self, lst: Listener) -> None:
+        self.listeners[lst.spec] = lst
+        self.ep.register(lst.fd, EPOLLIN)
+        self.handlers[lst.fd] = self.make_acceptor(lst)
+
+    @staticmethod
     def open_access_log(path: str) -> IO[str] | None:
         if path == "":
             return None
@@ -284,6 +304,9 @@ class Server:
         self.listeners.pop(lst.spec, None)
 
     def reload(self) -> None:
+        if self.draining:
+            log.warning("reload ignored while draining")
+            return
         try:
             cfg = build(self.config_path, self.overrides)
             self.apply(cfg, initial=False)
