@@ -8,6 +8,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import json
 import os
 import re
 
@@ -44,7 +45,10 @@ def run_case(case, module_main, monkeypatch):
         expected = calls.pop(0)
         assert args == expected['command']
         assert kwargs.get('environ_update', {}).get('LC_ALL') == 'C'
-        return expected.get('rc', 0), expected.get('out', ''), expected.get('err', '')
+        out = expected.get('out', '')
+        if not isinstance(out, str):  # recorded JSON written as YAML data: print it the way ip -json does
+            out = json.dumps(out, separators=(',', ':'))
+        return expected.get('rc', 0), out, expected.get('err', '')
 
     def fake_exit(self, **kwargs):
         raise _Exit(kwargs)
