@@ -1,0 +1,119 @@
+"""Real connections between the two hosts prove what the capture does (and does not) intercept.
+
+Each check sends a handful of HTTP requests to the test apps (python3 http.server) on the peer host
+and reads the proxies' access logs (JSON lines in the journal) written since the check started.
+"""
+
+import json
+import os
+import time
+
+import pytest
+import testinfra
+
+HOSTS = os.environ.get("SCAP_HOSTS", "")
+
+
+def _names(host):
+    me = host.check_output("hostname")
+    return me
+
+
+def _peer(host):
+    names = [n for n in ("redirect-bookworm", "redirect-trixie", "tproxy-bookworm", "tproxy-trixie")]
+    me = host.backend.get_hostname()
+    prefix = me.split("-")[0]
+    other = [n for n in names if n.startswith(prefix + "-") and n != me][0]
+    return testinfra.get_host("podman://" + other)
+
+
+def _ip(h):
+    return h.check_output("ip -4 -o addr show dev eth0 scope global | awk '{print $4}' | head -1").split("/")[0]
+
+
+def _log_since(h, since):
+    out = h.check_output("journalctl -u sidecar-proxy.service --since @%d -o cat --no-pager || true" % since)
+    entries = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                pass
+    return entries
+
+
+def _get(h, addr, port):
+    cmd = ("python3 -c \"import urllib.request,sys; "
+           "print(urllib.request.urlopen('http://%s:%d/', timeout=5).status)\"" % (addr, port))
+    return h.run(cmd)
+
+
+def _settle():
+    time.sleep(1.5)  # the access log line is written when the connection closes
+
+
+def test_inbound_is_intercepted_with_original_destination(host):
+    peer = _peer(host)
+    since = int(host.check_output("date +%s")) - 1
+    addr = _ip(host)
+    for _ in range(3):
+        assert _get(peer, addr, 8080).stdout.strip() == "200"
+    _settle()
+    inbound = [e for e in _log_since(host, since) if e.get("direction") == "inbound"]
+    assert any(e.get("dst") == "%s:8080" % addr for e in inbound), inbound
+
+
+def test_outbound_is_intercepted_with_original_destination(host):
+    peer = _peer(host)
+    since = int(host.check_output("date +%s")) - 1
+    addr = _ip(peer)
+    assert _get(host, addr, 8080).stdout.strip() == "200"
+    _settle()
+    outbound = [e for e in _log_since(host, since) if e.get("direction") == "outbound"]
+    assert any(e.get("dst") == "%s:8080" % addr for e in outbound), outbound
+
+
+@pytest.mark.parametrize("port", [22, 9090])
+def test_excluded_inbound_ports_and_ssh_are_not_captured(host, port):
+    peer = _peer(host)
+    since = int(host.check_output("date +%s")) - 1
+    addr = _ip(host)
+    assert _get(peer, addr, port).stdout.strip() == "200"
+    _settle()
+    assert [e for e in _log_since(host, since) if e.get("dst", "").endswith(":%d" % port)] == []
+
+
+def test_excluded_outbound_port_and_cidr_are_not_captured(host):
+    peer = _peer(host)
+    since = int(host.check_output("date +%s")) - 1
+    alias = peer.check_output("ip -4 -o addr show dev eth0 | grep -o '10.88.25[12].[0-9]*' | head -1")
+    assert _get(host, _ip(peer), 9090).stdout.strip() == "200"
+    assert _get(host, alias, 8080).stdout.strip() == "200"
+    _settle()
+    outbound = [e for e in _log_since(host, since) if e.get("direction") == "outbound"]
+    assert outbound == [], outbound
+
+
+def test_proxy_traffic_is_not_looped(host):
+    peer = _peer(host)
+    since = int(host.check_output("date +%s")) - 1
+    for _ in range(5):
+        assert _get(peer, _ip(host), 8080).stdout.strip() == "200"
+    _settle()
+    entries = _log_since(host, since)
+    # one access-log entry per client connection: no connection from the proxy came back into it
+    assert len([e for e in entries if e.get("direction") == "inbound"]) == 5, entries
+    assert not [e for e in entries if e.get("src", "").startswith(("127.0.0.6", "127.0.0.1"))], entries
+    metrics = host.check_output("python3 -c \"import urllib.request; "
+                                "print(urllib.request.urlopen('http://127.0.0.1:15000/metrics').read().decode())\"")
+    assert 'kind="loop"} 1' not in metrics
+
+
+def test_only_one_jump_each(host):
+    backend = "legacy" if host.backend.get_hostname().endswith("trixie") else "nft"
+    save = host.check_output("iptables-%s-save" % backend)
+    assert save.count("-j SIDECAR_OUTPUT") == 1
+    assert save.count("-A PREROUTING -p tcp -j SIDECAR_INBOUND") == 1
+    assert "DOCKER" in save  # foreign rules still there
