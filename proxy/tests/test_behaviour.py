@@ -114,7 +114,8 @@ class EpollEcho:
                 except OSError:
                     data = b""
                 if data:
-                    c.send(data)
+                    with contextlib.suppress(OSError):
+                        c.send(data)
                 else:
                     self.ep.unregister(fd)
                     del self.conns[fd]

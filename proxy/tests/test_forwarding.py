@@ -92,7 +92,7 @@ def test_forwarding_techniques(topo: Topo, start_proxy: Any, serve: Any, forward
 
 def test_half_close_both_ways(topo: Topo, start_proxy: Any, serve: Any) -> None:
     topo.redirect_inbound()
-    start_proxy(topo.sns)
+    proxy = start_proxy(topo.sns)
 
     def reply_after_eof(conn: socket.socket, _peer: Any) -> None:
         with conn:
@@ -110,13 +110,13 @@ def test_half_close_both_ways(topo: Topo, start_proxy: Any, serve: Any) -> None:
         assert recv_all(s) == b"got 100000"
         assert time.monotonic() - t0 < 0.6  # FIN from the server arrived before it closed the socket
 
+    got: list[bytes] = []
+
     def server_first(conn: socket.socket, _peer: Any) -> None:
         with conn:
             conn.sendall(b"banner")
             conn.shutdown(socket.SHUT_WR)  # server done sending, still reading
-            data = recv_all(conn)
-            time.sleep(0.1)
-            assert data == b"client data"
+            got.append(recv_all(conn))
 
     serve(topo.sns, socket.AF_INET, 8081, server_first)
     with connect(topo.cns, socket.AF_INET, (topo.s4, 8081)) as s:
@@ -124,6 +124,8 @@ def test_half_close_both_ways(topo: Topo, start_proxy: Any, serve: Any) -> None:
         s.sendall(b"client data")  # the half-open connection still carries data upstream
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b""
+    proxy.wait_until(lambda: len(got) == 1)
+    assert got == [b"client data"], proxy.access_log()
 
 
 def test_defaults_without_config_file(topo: Topo) -> None:
