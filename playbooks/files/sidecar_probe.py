@@ -1,5 +1,4 @@
 #!/usr/bin/python3
-# -*- coding: utf-8 -*-
 # Copyright: sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Probe traffic for the sidecar.intercept fleet playbooks (stdlib only, Python 3.7+).
@@ -41,7 +40,7 @@ class _Echo(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         try:
             line = self.rfile.readline(256).decode("utf-8", "replace").strip()
-            reply = "sidecar-probe %s %s\n" % (socket.gethostname(), line)
+            reply = f"sidecar-probe {socket.gethostname()} {line}\n"
             self.wfile.write(reply.encode())
         except OSError:
             pass
@@ -78,8 +77,8 @@ def serve(port: int) -> int:
 
 # ----------------------------------------------------------------------------- proxy admin
 def stats(admin_port: int, timeout: float = 3.0) -> dict:
-    url = "http://127.0.0.1:%d/stats" % admin_port
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+    url = f"http://127.0.0.1:{admin_port}/stats"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read().decode())
 
 
@@ -103,7 +102,7 @@ def connect(host: str, port: int, count: int, timeout: float) -> int:
         item = {"n": i, "ok": False, "reply": "", "error": ""}
         try:
             with socket.create_connection((host, port), timeout=timeout) as sock:
-                item["local"] = "%s:%s" % sock.getsockname()[:2]
+                item["local"] = "{}:{}".format(*sock.getsockname()[:2])
                 sock.sendall(b"probe-%d\n" % i)
                 sock.shutdown(socket.SHUT_WR)
                 data = b""
@@ -115,11 +114,11 @@ def connect(host: str, port: int, count: int, timeout: float) -> int:
                 item["reply"] = data.decode("utf-8", "replace").strip()
                 item["ok"] = True
         except OSError as exc:
-            item["error"] = "%s: %s" % (type(exc).__name__, exc)
+            item["error"] = f"{type(exc).__name__}: {exc}"
         item["ms"] = round((time.monotonic() - t0) * 1000.0, 1)
         results.append(item)
     emit({
-        "target": "%s:%d" % (host, port),
+        "target": f"{host}:{port}",
         "connected": sum(1 for r in results if r["ok"]),
         "replied": sum(1 for r in results if r["reply"].startswith("sidecar-probe")),
         "results": results,
@@ -129,7 +128,7 @@ def connect(host: str, port: int, count: int, timeout: float) -> int:
 
 # ----------------------------------------------------------------------------- evidence
 def journal_lines(since: float, unit: str) -> list:
-    cmd = ["journalctl", "--no-pager", "-o", "cat", "-u", unit, "--since", "@%d" % int(since)]
+    cmd = ["journalctl", "--no-pager", "-o", "cat", "-u", unit, "--since", f"@{int(since)}"]
     try:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=15,
                              env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}, check=False)
@@ -181,12 +180,12 @@ def evidence(admin_port: int, since: float, before: dict, expect: list, wait: fl
         time.sleep(0.5)
     problems = []
     if "error" in now:
-        problems.append("proxy admin /stats unreachable: %s" % now["error"])
+        problems.append("proxy admin /stats unreachable: {}".format(now["error"]))
     for d, n in need.items():
         if delta.get(d, 0) < n:
-            problems.append("%s connection counter grew by %s, expected at least %d" % (d, delta.get(d, 0), n))
+            problems.append(f"{d} connection counter grew by {delta.get(d, 0)}, expected at least {n}")
     for m in missing:
-        problems.append("no %s access-log line with dst=%s" % (m["direction"], m["dst"]))
+        problems.append("no {} access-log line with dst={}".format(m["direction"], m["dst"]))
     emit({
         "intercepted": not problems,
         "problems": problems,
@@ -222,22 +221,22 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     for port in [getattr(args, "port", 1), getattr(args, "admin_port", 1)]:
         if not 1 <= port <= 65535:
-            parser.error("port out of range: %s" % port)
+            parser.error(f"port out of range: {port}")
     if args.cmd == "serve":
         return serve(args.port)
     if args.cmd == "snapshot":
         return snapshot(args.admin_port)
     if args.cmd == "connect":
         if not 1 <= args.count <= 20:
-            parser.error("--count must be 1..20, got %s" % args.count)
+            parser.error(f"--count must be 1..20, got {args.count}")
         return connect(args.host, args.port, args.count, args.timeout)
     for spec in args.expect:
         if spec.partition("=")[0] not in ("inbound", "outbound") or not spec.partition("=")[2]:
-            parser.error("--expect must be inbound=IP:PORT or outbound=IP:PORT, got %r" % spec)
+            parser.error(f"--expect must be inbound=IP:PORT or outbound=IP:PORT, got {spec!r}")
     try:
         before = json.loads(args.before)
     except ValueError:
-        parser.error("--before is not JSON: %r" % args.before)
+        parser.error(f"--before is not JSON: {args.before!r}")
     return evidence(args.admin_port, args.since, before, args.expect, args.wait, args.unit, not args.no_log)
 
 
