@@ -253,10 +253,14 @@ class IpCommand:
             cmd = [self.ip, self.flag, '-json'] + list(args)
             self.module.fail_json(msg='%s failed (rc=%d): %s' % (' '.join(cmd), rc, (err or out).strip()),
                                   cmd=cmd, rc=rc, stdout=out, stderr=err)
+        data, error = None, None
         try:
-            return loads_list(out)
+            data = loads_list(out)
         except IprouteError as exc:
-            self.module.fail_json(msg=str(exc), stdout=out)
+            error = str(exc)
+        if error:
+            self.module.fail_json(msg=error, stdout=out)
+        return data
 
     def change(self, args):
         """A command that changes the host: skipped in check mode, always recorded."""

@@ -220,10 +220,13 @@ def run_module():
     params = module.params
     family = params['family']
     names = table_names()
+    desired, error = None, None
     try:
         desired = route_desired(params, names)
     except IprouteError as exc:
-        module.fail_json(msg=str(exc))
+        error = str(exc)
+    if error:  # outside the except block: a validation error is a message, not a crash
+        module.fail_json(msg=error)
 
     ip = IpCommand(module, family)
 

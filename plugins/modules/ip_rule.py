@@ -197,10 +197,13 @@ def run_module():
     )
     params = module.params
     names = table_names()
+    desired, error = None, None
     try:
         desired = rule_desired(params, names)
     except IprouteError as exc:
-        module.fail_json(msg=str(exc))
+        error = str(exc)
+    if error:  # outside the except block: a validation error is a message, not a crash
+        module.fail_json(msg=error)
     if params['state'] == 'absent' and not any(desired[k] for k in ('from', 'to', 'fwmark', 'iif', 'oif')) \
             and desired['priority'] is None and desired['table'] is None:
         module.fail_json(msg='state=absent needs at least one of fwmark, from, to, iif, oif, priority or table;'
@@ -213,8 +216,8 @@ def run_module():
         for raw in ip.json(['rule', 'show']):
             try:
                 found.append(rule_from_json(raw, params['family'], names))
-            except IprouteError as exc:
-                module.fail_json(msg=str(exc), rule=raw)
+            except IprouteError:
+                continue  # a rule this module cannot parse has a selector it does not manage
         return [r for r in found if rule_matches(r, desired, need_table=params['state'] == 'present')]
 
     before = current()
