@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright (c) sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Parsing of iptables-save output, canonical rule comparison and iptables-restore payloads.

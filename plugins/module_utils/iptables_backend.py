@@ -1,11 +1,13 @@
-# -*- coding: utf-8 -*-
 # Copyright (c) sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Running iptables tools: backend detection (like istio-iptables) and save/restore helpers."""
 
 from __future__ import annotations
 
-from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import count_rules, tool
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
+    count_rules,
+    tool,
+)
 
 C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
 

@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright (c) sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -85,13 +84,17 @@ ansible_facts:
           passthrough_address: true
 """
 
-import json  # noqa: E402
+import json
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-
-from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import owned_chains  # noqa: E402
-from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (  # noqa: E402
-    detect_backend, run, save)
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
+    owned_chains,
+)
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
+    detect_backend,
+    run,
+    save,
+)
 
 
 def _ip_json(module, args):

@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright (c) sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -113,12 +112,20 @@ payload:
   sample: "*nat\n-I OUTPUT 1 -p tcp -j SIDECAR_OUTPUT\nCOMMIT\n"
 """
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-
-from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (  # noqa: E402
-    RulesError, after_state, current_state, desired_from_rules, plan, render_state)
-from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (  # noqa: E402
-    detect_backend, restore, save)
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
+    RulesError,
+    after_state,
+    current_state,
+    desired_from_rules,
+    plan,
+    render_state,
+)
+from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
+    detect_backend,
+    restore,
+    save,
+)
 
 
 def main():

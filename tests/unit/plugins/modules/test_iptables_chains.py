@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright (c) sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """iptables_chains and capture_facts driven by recorded iptables-save output (test_iptables_chains.yaml):
@@ -12,11 +11,12 @@ import re
 
 import pytest
 import yaml
-
 from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
-
-from ansible_collections.sidecar.intercept.plugins.modules import capture_facts, iptables_chains
+from ansible_collections.sidecar.intercept.plugins.modules import (
+    capture_facts,
+    iptables_chains,
+)
 
 with open(os.path.join(os.path.dirname(__file__), "test_iptables_chains.yaml")) as _fh:
     CASES = yaml.safe_load(_fh)
@@ -61,9 +61,8 @@ def test_case(case, monkeypatch):
     args = dict(case["args"])
     args["_ansible_check_mode"] = case.get("check_mode", False)
     args["_ansible_diff"] = case.get("diff", False)
-    with patch_module_args(args):
-        with pytest.raises(_Exit) as exc:
-            MODULES[case.get("module", "iptables_chains")]()
+    with patch_module_args(args), pytest.raises(_Exit) as exc:
+        MODULES[case.get("module", "iptables_chains")]()
     result = exc.value.result
     expected = case["expect"]
     assert isinstance(exc.value, _Fail) == expected.get("failed", False), result
