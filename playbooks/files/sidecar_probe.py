@@ -11,6 +11,7 @@ the playbook decides what counts as a failure):
   snapshot --admin-port N        the proxy's counters (/stats) and the host's clock, taken before
                                  probing
   connect --host H --port P      open --count connections to H:P, send one line, read the reply
+                                 (--as-gid G: as the proxy's GID, bypassing this host's own capture)
   evidence --admin-port N --since T --expect DIRECTION=IP:PORT ...
                                  wait until the proxy's counters grew and its access log (journal
                                  of sidecar-proxy.service) has a line per expectation with that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import socketserver
 import subprocess
@@ -95,13 +97,27 @@ def snapshot(admin_port: int) -> int:
 
 
 # ----------------------------------------------------------------------------- connect
-def connect(host: str, port: int, count: int, timeout: float) -> int:
+def open_socket(host: str, port: int, timeout: float, as_gid: int | None) -> socket.socket:
+    """Connect; with as_gid (root only) the socket is created with that effective GID, so that an
+    owner match for the proxy's GID lets it pass this host's own outbound capture: an inbound probe
+    then tests the target's inbound path only, not the sender's outbound path too."""
+    if as_gid is None or os.geteuid() != 0:
+        return socket.create_connection((host, port), timeout=timeout)
+    saved = os.getegid()
+    os.setegid(as_gid)
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    finally:
+        os.setegid(saved)
+
+
+def connect(host: str, port: int, count: int, timeout: float, as_gid: int | None = None) -> int:
     results = []
     for i in range(count):
         t0 = time.monotonic()
         item = {"n": i, "ok": False, "reply": "", "error": ""}
         try:
-            with socket.create_connection((host, port), timeout=timeout) as sock:
+            with open_socket(host, port, timeout, as_gid) as sock:
                 item["local"] = "{}:{}".format(*sock.getsockname()[:2])
                 sock.sendall(b"probe-%d\n" % i)
                 sock.shutdown(socket.SHUT_WR)
@@ -210,6 +226,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--as-gid", type=int, default=None, help="create the sockets with this effective GID (root)")
     p = sub.add_parser("evidence")
     p.add_argument("--admin-port", type=int, required=True)
     p.add_argument("--since", type=float, required=True)
@@ -229,7 +246,7 @@ def main(argv: list | None = None) -> int:
     if args.cmd == "connect":
         if not 1 <= args.count <= 20:
             parser.error(f"--count must be 1..20, got {args.count}")
-        return connect(args.host, args.port, args.count, args.timeout)
+        return connect(args.host, args.port, args.count, args.timeout, args.as_gid)
     for spec in args.expect:
         if spec.partition("=")[0] not in ("inbound", "outbound") or not spec.partition("=")[2]:
             parser.error(f"--expect must be inbound=IP:PORT or outbound=IP:PORT, got {spec!r}")

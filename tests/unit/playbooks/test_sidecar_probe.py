@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -130,3 +131,14 @@ def test_bad_arguments_name_the_value(capsys, argv, message):
         probe.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setegid needs root")
+def test_connect_as_gid_restores_the_gid(capsys):
+    port = free_port()
+    threading.Thread(target=probe.serve, args=(port,), daemon=True).start()
+    threading.Event().wait(0.2)
+    before = os.getegid()
+    out = run(capsys, ["connect", "--host", "127.0.0.1", "--port", str(port), "--as-gid", "1337", "--timeout", "2"])
+    assert out["replied"] == 1
+    assert os.getegid() == before
