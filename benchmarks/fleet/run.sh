@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Fleet rollout benchmark (not a test): wall time of sidecar.intercept.site for N Podman systemd hosts
+# (default 6 12 24), then of the idempotent re-run, which must report changed=0. Prints a table.
+#
+#   bash benchmarks/fleet/run.sh [N ...]
+#   SIDECAR_BENCH_SERIAL='[1, "25%"]' SIDECAR_BENCH_FORKS=12 bash benchmarks/fleet/run.sh 6 12
+#
+# Containers are named fbench-N on the Podman network sidecar-fbench; both are removed on exit,
+# also on failure or Ctrl-C. Half the hosts run redirect, half tproxy. Probes go only to these hosts.
+set -euo pipefail
+# shellcheck source=scripts/env.sh
+. "$(dirname "$0")/../../scripts/env.sh"
+
+SIZES=("$@")
+[ ${#SIZES[@]} -gt 0 ] || SIZES=(6 12 24)
+for n in "${SIZES[@]}"; do
+  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 2 ] && [ "$n" -le 64 ] || die "host count must be 2..64, got '$n'"
+done
+SERIAL="${SIDECAR_BENCH_SERIAL:-[1, \"25%\"]}"
+FORKS="${SIDECAR_BENCH_FORKS:-12}"
+SUITE="${SIDECAR_BENCH_SUITE:-bookworm}"
+IMAGE="localhost/sidecar-lab:$SUITE"
+NET=sidecar-fbench
+WORK="$SIDECAR_REPO/.cache/fbench"
+RESULTS="$WORK/results.txt"
+
+cleanup() {
+  podman ps -a --filter label=sidecar.fbench=1 --format '{{.Names}}' | xargs -r podman rm -f -t 1 >/dev/null 2>&1 || true
+  podman network exists "$NET" 2>/dev/null && podman network rm -f "$NET" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT INT TERM
+
+start_hosts() {
+  local n="$1" i
+  podman network exists "$NET" || podman network create --label sidecar.fbench=1 "$NET" >/dev/null
+  for i in $(seq 1 "$n"); do
+    podman run -d --name "fbench-$i" --hostname "fbench-$i" --network "$NET" --label sidecar.fbench=1 \
+      --systemd=always --cap-add NET_ADMIN,NET_RAW --security-opt unmask=/proc/sys \
+      "$IMAGE" /sbin/init >/dev/null
+  done
+  for i in $(seq 1 "$n"); do
+    for _ in $(seq 1 60); do
+      case "$(podman exec "fbench-$i" systemctl is-system-running 2>/dev/null || true)" in
+        running|degraded) break ;;
+      esac
+      sleep 0.5
+    done
+  done
+}
+
+write_inventory() {
+  local n="$1" i
+  {
+    echo "fbench:"
+    echo "  vars:"
+    echo "    ansible_connection: containers.podman.podman"
+    echo "    ansible_python_interpreter: /usr/bin/python3"
+    echo "  hosts:"
+    for i in $(seq 1 "$n"); do
+      echo "    fbench-$i:"
+      if [ $((i % 2)) -eq 1 ]; then echo "      sidecar_mode: redirect"; else echo "      sidecar_mode: tproxy"; fi
+    done
+  } >"$WORK/inventory-$n.yml"
+}
+
+# run LABEL N: time one site.yml run; prints "seconds changed_total failed_total"
+run_site() {
+  local n="$1" tag="$2" t0 t1 log="$WORK/site-$n-$tag.log"
+  t0="$(date +%s.%N)"
+  if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ansible-playbook -i "$WORK/inventory-$n.yml" \
+      -e "{\"sidecar_rollout_serial\": $SERIAL}" sidecar.intercept.site >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    die "site.yml failed for $n hosts ($tag run, log: $log)"
+  fi
+  t1="$(date +%s.%N)"
+  awk -v t0="$t0" -v t1="$t1" '
+    /^PLAY RECAP/ {r = 1; next}
+    r && /changed=/ {for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "changed") c += kv[2]; if (kv[1] == "failed") f += kv[2]}}
+    END {printf "%.1f %d %d\n", t1 - t0, c, f}' "$log"
+}
+
+main() {
+  sidecar_setup
+  bash "$SIDECAR_REPO/scripts/lab-image.sh" "$SUITE" >/dev/null
+  mkdir -p "$WORK"
+  cleanup
+  printf '%-6s | %-10s | %-14s | %-15s | %-16s\n' hosts batches "first run (s)" "re-run (s)" "re-run changed" >"$RESULTS"
+  printf '%s\n' "-------+------------+----------------+-----------------+-----------------" >>"$RESULTS"
+  local n first again
+  for n in "${SIZES[@]}"; do
+    log "rollout benchmark: $n hosts (serial $SERIAL, forks $FORKS)"
+    start_hosts "$n"
+    write_inventory "$n"
+    first="$(run_site "$n" first)"
+    again="$(run_site "$n" again)"
+    batches="$(grep -c '^PLAY \[Sidecar rollout | Deploy' "$WORK/site-$n-first.log" || true)"
+    printf '%-6s | %-10s | %-14s | %-15s | %-16s\n' "$n" "$batches" "${first%% *}" "${again%% *}" \
+      "$(echo "$again" | cut -d' ' -f2)" >>"$RESULTS"
+    cleanup
+  done
+  echo
+  echo "sidecar.intercept.site rollout wall time ($(nproc) cores, serial $SERIAL, forks $FORKS, image $IMAGE)"
+  cat "$RESULTS"
+}
+
+main
