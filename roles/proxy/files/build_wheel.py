@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build (or describe) the sidecar-proxy wheel on the Ansible controller.
 
 Run by the proxy role with ``ansible_playbook_python``; needs no network:

@@ -1,0 +1,53 @@
+"""Run on the managed host by the proxy role's preflight (with sidecar_proxy_python): one round trip
+that reports who owns the proxy's UID/GID and names, whether this Python can build a venv with pip,
+whether the host has a global IPv6 address, and PID 1's hard open-files limit. Prints JSON."""
+import grp
+import importlib.util
+import json
+import pwd
+import sys
+
+uid, gid, user, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+
+def entry(lookup, key):
+    try:
+        found = lookup(key)
+    except (KeyError, OverflowError):
+        return None
+    return {"name": found[0], "id": found[2]}
+
+
+def global_ipv6():
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            # columns: address, ifindex, prefix length, scope (00 = global), flags, device
+            return any(line.split()[3] == "00" for line in fh if len(line.split()) >= 6)
+    except OSError:
+        return False
+
+
+def pid1_nofile_hard():
+    try:
+        with open("/proc/1/limits", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Max open files"):
+                    hard = line.split()[4]
+                    return int(hard) if hard.isdigit() else None
+    except OSError:
+        pass
+    return None
+
+
+missing = [m for m in ("venv", "ensurepip") if importlib.util.find_spec(m) is None]
+print(json.dumps({
+    "uid_owner": entry(pwd.getpwuid, uid),
+    "gid_owner": entry(grp.getgrgid, gid),
+    "user": entry(pwd.getpwnam, user),
+    "group": entry(grp.getgrnam, group),
+    "python": sys.executable,
+    "python_version": ".".join(str(v) for v in sys.version_info[:3]),
+    "venv_missing": missing,
+    "global_ipv6": global_ipv6(),
+    "nofile_hard": pid1_nofile_hard(),
+}))
