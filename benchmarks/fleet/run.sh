@@ -63,9 +63,10 @@ write_inventory() {
   } >"$WORK/inventory-$n.yml"
 }
 
-# run LABEL N: time one site.yml run; prints "seconds changed_total failed_total"
+# run_site N LABEL: time one site.yml run; prints "seconds changed_total failed_total"
 run_site() {
-  local n="$1" tag="$2" t0 t1 log="$WORK/site-$n-$tag.log"
+  local n="$1" tag="$2" t0 t1 log
+  log="$WORK/site-$n-$tag.log"
   t0="$(date +%s.%N)"
   if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ansible-playbook -i "$WORK/inventory-$n.yml" \
       -e "{\"sidecar_rollout_serial\": $SERIAL}" sidecar.intercept.site >"$log" 2>&1; then
