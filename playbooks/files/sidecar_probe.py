@@ -30,6 +30,10 @@ import threading
 import time
 import urllib.request
 
+# access-log reasons that mean the destination never answered (connect_refused is an answer: the
+# path there and back works, only nothing listens, as on a peer that has no probe app yet)
+FAILED_REASONS = ("connect_timeout", "connect_error", "original_dst", "loop", "limit")
+
 
 def emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -189,7 +193,8 @@ def evidence(admin_port: int, since: float, before: dict, expect: list, wait: fl
             entries = journal_lines(since, unit)
             for w in wanted:
                 hit = [e for e in entries if e.get("direction") == w["direction"] and e.get("dst") == w["dst"]]
-                (found if hit else missing).append(dict(w, lines=hit[-3:]))
+                good = [e for e in hit if e.get("reason") not in FAILED_REASONS]
+                (found if good else missing).append(dict(w, lines=(good or hit)[-3:]))
         log_ok = not missing
         if (counters_ok and log_ok) or time.monotonic() >= deadline:
             break
@@ -201,7 +206,11 @@ def evidence(admin_port: int, since: float, before: dict, expect: list, wait: fl
         if delta.get(d, 0) < n:
             problems.append(f"{d} connection counter grew by {delta.get(d, 0)}, expected at least {n}")
     for m in missing:
-        problems.append("no {} access-log line with dst={}".format(m["direction"], m["dst"]))
+        if m["lines"]:
+            problems.append("{} connection to {} reached the proxy but got no answer upstream ({})".format(
+                m["direction"], m["dst"], ", ".join(sorted({str(e.get("reason")) for e in m["lines"]}))))
+        else:
+            problems.append("no {} access-log line with dst={}".format(m["direction"], m["dst"]))
     emit({
         "intercepted": not problems,
         "problems": problems,

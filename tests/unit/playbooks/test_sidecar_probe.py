@@ -142,3 +142,18 @@ def test_connect_as_gid_restores_the_gid(capsys):
     out = run(capsys, ["connect", "--host", "127.0.0.1", "--port", str(port), "--as-gid", "1337", "--timeout", "2"])
     assert out["replied"] == 1
     assert os.getegid() == before
+
+
+def test_evidence_upstream_timeout_is_not_interception(capsys, admin, monkeypatch):
+    """A tproxy host whose replies are dropped: the proxy logs the outbound connection, but the
+    destination never answered, so the outbound path does not work."""
+    port, state = admin
+    state["connections_total"] = {"inbound": 0, "outbound": 1}
+    timed_out = json.loads(RECORDED_LOG[0])
+    timed_out["reason"] = "connect_timeout"
+    monkeypatch.setattr(probe, "journal_lines", lambda since, unit: [timed_out])
+    out = run(capsys, ["evidence", "--admin-port", str(port), "--since", "0", "--wait", "0",
+                       "--before", '{"outbound": 0}', "--expect", "outbound=10.89.0.3:15080"])
+    assert out["intercepted"] is False
+    assert out["problems"] == [
+        "outbound connection to 10.89.0.3:15080 reached the proxy but got no answer upstream (connect_timeout)"]
