@@ -235,7 +235,7 @@ def python_for_uid(uid: int) -> str:
 
 class Proxy:
     def __init__(self, ns: str, cfg: dict[str, Any], tmp: Path, as_uid: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.ns = ns
         self.own_tmp = as_uid is not None
         if as_uid is not None:  # pytest's tmp dirs are private to root
@@ -248,6 +248,8 @@ class Proxy:
         self.log_path = tmp / "proxy.stderr"
         self.admin_port = int(self.cfg.get("admin_port", 15000))
         cmd = ["ip", "netns", "exec", ns]
+        if nofile is not None:
+            cmd += ["prlimit", f"--nofile={nofile}:{nofile}"]
         if as_uid is not None:
             os.chmod(self.path, 0o644)
             cmd += ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups",

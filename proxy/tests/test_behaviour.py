@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -401,3 +402,34 @@ def test_reload_keeps_live_connections(topo: Topo, start_proxy: Any, serve: Any)
     assert s.recv(5) == b"still"
     s.close()
     assert "inbound_port" in proxy.log_path.read_text()
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_fd_exhaustion_pauses_and_recovers(topo: Topo, start_proxy: Any, serve: Any) -> None:
+    topo.redirect_inbound()
+    proxy = start_proxy(topo.sns, {"access_log": ""}, nofile=64)
+    serve(topo.sns, socket.AF_INET, 8080)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(40):  # 2 fds each in the proxy: more than the proxy can hold
+            # a reset from the proxy (no fd left for the upstream socket) is expected here
+            with contextlib.suppress(OSError):
+                held.append(connect(topo.cns, socket.AF_INET, (topo.s4, 8080), timeout=2))
+        time.sleep(0.5)
+        assert proxy.proc.poll() is None
+        cpu0 = cpu_ticks(proxy.proc.pid)
+        time.sleep(1.0)
+        assert cpu_ticks(proxy.proc.pid) - cpu0 < 50  # no busy loop (10 ms ticks)
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    with connect(topo.cns, socket.AF_INET, (topo.s4, 8080)) as s:
+        s.sendall(b"back")
+        assert s.recv(4) == b"back"
+    errors = _stat(proxy, "errors")
+    assert errors["accept"] + errors["connect_error"] >= 1

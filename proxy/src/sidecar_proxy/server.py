@@ -195,6 +195,8 @@ class Server:
         self.active = 0
         self.handlers: dict[int, Callable[[int], None]] = {}
         self.listeners: dict[tuple[str, int, int, bool], Listener] = {}
+        self.paused: set[Listener] = set()
+        self.admin_paused = False
         self.admin_sock: socket.socket | None = None
         self.admin_conns: dict[int, AdminConn] = {}
         self.pipes = PipePool(PIPE_SIZE, POOL_KEEP)
@@ -335,8 +337,13 @@ class Server:
                     return
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # out of fds/memory: stop polling this listener until the next sweep instead
+                        # of spinning on a level-triggered event that cannot be served
                         metrics.error("accept")
-                        log.error("accept failed: %s", exc)
+                        log.error("accept failed, pausing the listener: %s", exc)
+                        self.paused.add(lst)
+                        with contextlib.suppress(OSError, ValueError):
+                            self.ep.modify(lst.fd, 0)
                         return
                     continue
                 metrics.connections_total[direction] += 1
@@ -647,6 +654,16 @@ class Server:
     # ------------------------------------------------------------------ timers
     def sweep(self) -> None:
         now = self.now
+        if self.paused:
+            for lst in self.paused:
+                if self.listeners.get(lst.spec) is lst:
+                    with contextlib.suppress(OSError, ValueError):
+                        self.ep.modify(lst.fd, EPOLLIN)
+            self.paused.clear()
+        if self.admin_paused and self.admin_sock is not None:
+            self.admin_paused = False
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.modify(self.admin_sock.fileno(), EPOLLIN)
         if self.connecting:
             limit = self.cfg.connect_timeout
             for conn in [c for c in self.connecting if now - c.t_connect >= limit]:
@@ -669,7 +686,12 @@ class Server:
                 sock, _addr = self.admin_sock.accept()
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.metrics.error("accept")
+                    self.admin_paused = True  # level-triggered: do not spin, retry at the next sweep
+                    with contextlib.suppress(OSError, ValueError):
+                        self.ep.modify(self.admin_sock.fileno(), 0)
                 return
             sock.setblocking(False)
             fd = sock.fileno()
