@@ -414,6 +414,7 @@ def main() -> int:
         keep = {x.strip() for x in args.only.split(",")}
         names = [n for n in names if n[0] in keep or n[0] == "direct"]
     measure = set(args.measure.split(","))
+    args.load_start = os.getloadavg()[0]
     contenders = [Contender(n, k, c, work) for n, k, c in names]
     results: dict[str, dict[str, list[float]]] = {c.name: {m[0]: [] for m in METRICS} for c in contenders}
     try:
@@ -467,6 +468,8 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
           f"kernel {os.uname().release}, Python {sys.version.split()[0]}; {args.duration:g} s per "
           f"measurement, median of {args.repeats}; proxy on CPU {PROXY_CPU}, load on CPU {LOAD_CPU}; "
           "inbound capture path.")
+    print(f"load average (1 min) at start {args.load_start:.1f}, at end {os.getloadavg()[0]:.1f} "
+          "(other work on the machine skews every contender; compare ratios within one run)")
     head = f"| {'contender':<21} |" + "|".join(f" {label:>16} " for _, label, _ in METRICS) + "|"
     print(head)
     print("|" + "-" * 23 + "|" + "|".join("-" * 17 + ":" for _ in METRICS) + "|")
