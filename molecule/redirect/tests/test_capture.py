@@ -11,12 +11,6 @@ import time
 import pytest
 import testinfra
 
-HOSTS = os.environ.get("SCAP_HOSTS", "")
-
-
-def _names(host):
-    me = host.check_output("hostname")
-    return me
 
 
 def _peer(host):
@@ -31,8 +25,16 @@ def _ip(h):
     return h.check_output("ip -4 -o addr show dev eth0 scope global | awk '{print $4}' | head -1").split("/")[0]
 
 
-def _log_since(h, since):
-    out = h.check_output("journalctl -u sidecar-proxy.service --since @%d -o cat --no-pager || true" % since)
+def _cursor(h):
+    """Journal cursor after everything logged so far (earlier checks' lines are flushed first)."""
+    _settle()
+    out = h.check_output("journalctl -u sidecar-proxy.service -n 0 --show-cursor --no-pager || true")
+    return out.strip().rsplit("cursor: ", 1)[-1] if "cursor: " in out else ""
+
+
+def _log_since(h, cursor):
+    after = "--after-cursor '%s'" % cursor if cursor else ""
+    out = h.check_output("journalctl -u sidecar-proxy.service %s -o cat --no-pager || true" % after)
     entries = []
     for line in out.splitlines():
         line = line.strip()
@@ -50,16 +52,22 @@ def _get(h, addr, port):
     return h.run(cmd)
 
 
+def _ok(h, addr, port):
+    r = _get(h, addr, port)
+    assert r.stdout.strip() == "200", "GET http://%s:%d/ from %s: rc=%s %s" % (
+        addr, port, h.backend.get_hostname(), r.rc, r.stderr.strip().splitlines()[-1:])
+
+
 def _settle():
     time.sleep(1.5)  # the access log line is written when the connection closes
 
 
 def test_inbound_is_intercepted_with_original_destination(host):
     peer = _peer(host)
-    since = int(host.check_output("date +%s")) - 1
+    since = _cursor(host)
     addr = _ip(host)
     for _ in range(3):
-        assert _get(peer, addr, 8080).stdout.strip() == "200"
+        _ok(peer, addr, 8080)
     _settle()
     inbound = [e for e in _log_since(host, since) if e.get("direction") == "inbound"]
     assert any(e.get("dst") == "%s:8080" % addr for e in inbound), inbound
@@ -67,9 +75,9 @@ def test_inbound_is_intercepted_with_original_destination(host):
 
 def test_outbound_is_intercepted_with_original_destination(host):
     peer = _peer(host)
-    since = int(host.check_output("date +%s")) - 1
+    since = _cursor(host)
     addr = _ip(peer)
-    assert _get(host, addr, 8080).stdout.strip() == "200"
+    _ok(host, addr, 8080)
     _settle()
     outbound = [e for e in _log_since(host, since) if e.get("direction") == "outbound"]
     assert any(e.get("dst") == "%s:8080" % addr for e in outbound), outbound
@@ -78,19 +86,19 @@ def test_outbound_is_intercepted_with_original_destination(host):
 @pytest.mark.parametrize("port", [22, 9090])
 def test_excluded_inbound_ports_and_ssh_are_not_captured(host, port):
     peer = _peer(host)
-    since = int(host.check_output("date +%s")) - 1
+    since = _cursor(host)
     addr = _ip(host)
-    assert _get(peer, addr, port).stdout.strip() == "200"
+    _ok(peer, addr, port)
     _settle()
     assert [e for e in _log_since(host, since) if e.get("dst", "").endswith(":%d" % port)] == []
 
 
 def test_excluded_outbound_port_and_cidr_are_not_captured(host):
     peer = _peer(host)
-    since = int(host.check_output("date +%s")) - 1
+    since = _cursor(host)
     alias = peer.check_output("ip -4 -o addr show dev eth0 | grep -o '10.88.25[12].[0-9]*' | head -1")
-    assert _get(host, _ip(peer), 9090).stdout.strip() == "200"
-    assert _get(host, alias, 8080).stdout.strip() == "200"
+    _ok(host, _ip(peer), 9090)
+    _ok(host, alias, 8080)
     _settle()
     outbound = [e for e in _log_since(host, since) if e.get("direction") == "outbound"]
     assert outbound == [], outbound
@@ -98,13 +106,13 @@ def test_excluded_outbound_port_and_cidr_are_not_captured(host):
 
 def test_proxy_traffic_is_not_looped(host):
     peer = _peer(host)
-    since = int(host.check_output("date +%s")) - 1
+    since = _cursor(host)
     for _ in range(5):
-        assert _get(peer, _ip(host), 8080).stdout.strip() == "200"
+        _ok(peer, _ip(host), 8080)
     _settle()
     entries = _log_since(host, since)
     # one access-log entry per client connection: no connection from the proxy came back into it
-    assert len([e for e in entries if e.get("direction") == "inbound"]) == 5, entries
+    assert len([e for e in entries if e.get("dst") == "%s:8080" % _ip(host)]) == 5, entries
     assert not [e for e in entries if e.get("src", "").startswith(("127.0.0.6", "127.0.0.1"))], entries
     metrics = host.check_output("python3 -c \"import urllib.request; "
                                 "print(urllib.request.urlopen('http://127.0.0.1:15000/metrics').read().decode())\"")
@@ -116,4 +124,4 @@ def test_only_one_jump_each(host):
     save = host.check_output("iptables-%s-save" % backend)
     assert save.count("-j SIDECAR_OUTPUT") == 1
     assert save.count("-A PREROUTING -p tcp -j SIDECAR_INBOUND") == 1
-    assert "DOCKER" in save  # foreign rules still there
+    assert "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER" in save  # foreign rules still there
