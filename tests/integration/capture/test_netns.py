@@ -186,6 +186,13 @@ def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, t
         for port in (8080, 8443):
             assert ask(client, family, addr_s, port) == "proxy %s %d" % (addr_s, port)
         assert ask(client, family, addr_s, 22) == "direct 22"
+        # the capturing host as a client: its proxy (UID 1337, not captured) reaches the peer, and the
+        # replies pass the mangle chain (existing socket -> DIVERT) instead of being dropped by TPROXY
+        procs.append(start_server(client, "direct", 7000, family))
+        code = ("import encodings.idna,os,socket,sys; os.setgid(1337); os.setuid(1337); "
+                "s=socket.create_connection((sys.argv[1], 7000), timeout=3); print(s.recv(200).decode())")
+        out = sh("ip", "netns", "exec", server, sys.executable, "-c", code, addr_c, check=False)
+        assert out.stdout.strip() == "direct 7000", out.stderr[-500:]
     finally:
         for p in procs:
             p.kill()
