@@ -12,7 +12,7 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: the lab needs rootful Podman, network namespaces and iptables"
 
 # Debian packages the lab and the tests need; installed only when missing.
-SIDECAR_APT_PACKAGES="${SIDECAR_APT_PACKAGES:-podman runc debootstrap iptables iproute2 git}"
+SIDECAR_APT_PACKAGES="${SIDECAR_APT_PACKAGES:-podman runc debootstrap iptables iproute2 git shellcheck}"
 ensure_apt() {
   local missing=() p
   for p in "$@"; do
@@ -77,11 +77,11 @@ setup_collection_path() {
   mkdir -p "$base/ansible_collections/sidecar"
   ln -sfn "$SIDECAR_REPO" "$base/ansible_collections/sidecar/intercept"
   export ANSIBLE_COLLECTIONS_PATH="$base"
-  export ANSIBLE_COLLECTIONS_PATHS="$base"
   export PYTHONPATH="$base${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 sidecar_setup() {
+  # shellcheck disable=SC2086  # a word list by design
   ensure_apt $SIDECAR_APT_PACKAGES
   setup_podman
   ensure_venv

@@ -23,8 +23,9 @@ LABDIR="$SIDECAR_REPO/.cache/lab"
 INVENTORY="$LABDIR/inventory.yml"
 APP_PORT=8080
 
-[[ "$HOSTS" =~ ^[0-9]+$ ]] && [ "$HOSTS" -ge 2 ] && [ "$HOSTS" -le 50 ] \
-  || die "SIDECAR_LAB_HOSTS must be a number from 2 to 50, got '$HOSTS'"
+if ! [[ "$HOSTS" =~ ^[0-9]+$ ]] || [ "$HOSTS" -lt 2 ] || [ "$HOSTS" -gt 50 ]; then
+  die "SIDECAR_LAB_HOSTS must be a number from 2 to 50, got '$HOSTS'"
+fi
 for m in "${MODES[@]}"; do
   case "$m" in redirect|tproxy) ;; *) die "SIDECAR_LAB_MODES: unknown mode '$m' (expected redirect or tproxy)" ;; esac
 done

@@ -83,6 +83,7 @@ stage_lint() {
 }
 
 stage_build() {
+  # shellcheck disable=SC2016  # the script is expanded by the inner shell
   check "collection build + install + ansible-doc" bash -c '
     set -e
     tmp="$(mktemp -d)"; trap "rm -rf \"$tmp\"" EXIT
