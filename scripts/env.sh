@@ -30,13 +30,13 @@ setup_podman() {
   local hn conf="$SIDECAR_CACHE/containers.conf"
   hn="$(ulimit -Hn)"
   [ "$hn" = unlimited ] && hn=1048576
-  cat >"$conf.tmp" <<CONF
+  cat >"$conf.$$" <<CONF
 [containers]
 default_ulimits = ["nofile=${hn}:${hn}", "nproc=32768:32768"]
 [engine]
 runtime = "runc"
 CONF
-  mv "$conf.tmp" "$conf"
+  mv "$conf.$$" "$conf"
   export CONTAINERS_CONF="$conf"
 }
 
