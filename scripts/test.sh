@@ -14,7 +14,7 @@ set +e
 cd "$SIDECAR_REPO"
 
 LOGS="$SIDECAR_REPO/.cache/test-logs"
-rm -rf "$LOGS"; mkdir -p "$LOGS"
+mkdir -p "$LOGS"  # each check overwrites its own log
 PASSED=0; FAILED=0; RESULTS=()
 
 record() {  # record NAME RC LOGFILE
