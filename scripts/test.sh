@@ -88,7 +88,8 @@ stage_build() {
     set -e
     tmp="$(mktemp -d)"; trap "rm -rf \"$tmp\"" EXIT
     ansible-galaxy collection build --force --output-path "$tmp" .
-    ANSIBLE_COLLECTIONS_PATH="$tmp/inst" ansible-galaxy collection install -p "$tmp/inst" "$tmp"/sidecar-intercept-*.tar.gz
+    unset PYTHONPATH
+    ANSIBLE_COLLECTIONS_PATH="$tmp/inst" ansible-galaxy collection install --force -p "$tmp/inst" "$tmp"/sidecar-intercept-*.tar.gz
     for m in iptables_chains ip_rule ip_route capture_facts; do
       ANSIBLE_COLLECTIONS_PATH="$tmp/inst" ansible-doc -t module "sidecar.intercept.$m" >/dev/null
     done

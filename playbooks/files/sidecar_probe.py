@@ -172,7 +172,7 @@ def evidence(admin_port: int, since: float, before: dict, expect: list, wait: fl
              use_log: bool) -> int:
     wanted = []
     for spec in expect:
-        direction, _, dst = spec.partition("=")
+        direction, _sep, dst = spec.partition("=")
         wanted.append({"direction": direction, "dst": dst})
     need = {}
     for w in wanted:

@@ -208,7 +208,7 @@ def plan(desired, current, state="present", jump_position="first"):
                 seen[jump] = seen.get(jump, 0) + 1
             for jump, count in seen.items():
                 extra = count - (1 if jump in wanted_jumps else 0)
-                for _ in range(extra):
+                for _extra in range(extra):
                     changes.append("%s: delete jump -A %s %s" % (table, jump[0], jump[1]))
                     body.append("-D %s %s" % jump)
             for jump in wanted_jumps:

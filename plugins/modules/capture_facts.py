@@ -15,7 +15,7 @@ description:
     routes that TPROXY capture uses.
   - Read-only; sets the fact C(sidecar_capture).
 author:
-  - sidecar.intercept developers
+  - sidecar.intercept developers (@sidecar)
 options:
   prefix:
     description: Name prefix of the owned chains.
@@ -42,8 +42,10 @@ attributes:
     description: Read-only, runs the same in check mode.
   diff_mode:
     support: none
+    description: Reads only; there is nothing to show a diff of.
   facts:
     support: full
+    description: Returns everything under C(ansible_facts.sidecar_capture).
   platform:
     support: full
     platforms: posix

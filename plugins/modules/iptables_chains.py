@@ -20,7 +20,7 @@ description:
     are inserted or deleted; built-in chains, tables and foreign rules are never flushed.
   - Each jump exists exactly once; extra copies are deleted. New jumps are inserted first or appended.
 author:
-  - sidecar.intercept developers
+  - sidecar.intercept developers (@sidecar)
 options:
   family:
     description: Address family, selects C(iptables-*) or C(ip6tables-*).

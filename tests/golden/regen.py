@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Render roles/capture/templates/rules.j2 for every case in tests/golden/cases.yml.
 
     python tests/golden/regen.py          # rewrite the golden files

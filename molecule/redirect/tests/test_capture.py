@@ -5,16 +5,14 @@ and reads the proxies' access logs (JSON lines in the journal) written since the
 """
 
 import json
-import os
 import time
 
 import pytest
 import testinfra
 
 
-
 def _peer(host):
-    names = [n for n in ("redirect-bookworm", "redirect-trixie", "tproxy-bookworm", "tproxy-trixie")]
+    names = ["redirect-bookworm", "redirect-trixie", "tproxy-bookworm", "tproxy-trixie"]
     me = host.backend.get_hostname()
     prefix = me.split("-")[0]
     other = [n for n in names if n.startswith(prefix + "-") and n != me][0]
@@ -66,7 +64,7 @@ def test_inbound_is_intercepted_with_original_destination(host):
     peer = _peer(host)
     since = _cursor(host)
     addr = _ip(host)
-    for _ in range(3):
+    for _attempt in range(3):
         _ok(peer, addr, 8080)
     _settle()
     inbound = [e for e in _log_since(host, since) if e.get("direction") == "inbound"]
@@ -107,7 +105,7 @@ def test_excluded_outbound_port_and_cidr_are_not_captured(host):
 def test_proxy_traffic_is_not_looped(host):
     peer = _peer(host)
     since = _cursor(host)
-    for _ in range(5):
+    for _attempt in range(5):
         _ok(peer, _ip(host), 8080)
     _settle()
     entries = _log_since(host, since)

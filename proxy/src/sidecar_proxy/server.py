@@ -330,7 +330,7 @@ class Server:
         inbound = direction == "inbound"
 
         def on_accept(_events: int) -> None:
-            for _ in range(128):
+            for _attempt in range(128):
                 try:
                     csock, src = lsock.accept()
                 except BlockingIOError:
@@ -681,7 +681,7 @@ class Server:
     # ------------------------------------------------------------------ admin HTTP
     def admin_accept(self, _events: int) -> None:
         assert self.admin_sock is not None
-        for _ in range(16):
+        for _attempt in range(16):
             try:
                 sock, _addr = self.admin_sock.accept()
             except BlockingIOError:

@@ -20,9 +20,9 @@ spec.loader.exec_module(probe)
 # recorded access-log lines of sidecar-proxy (journalctl -o cat), one per finished connection
 RECORDED_LOG = [
     ('{"start_time":"2026-11-26T21:30:00.100Z","direction":"outbound","src":"10.89.0.2:40112",'
-    '"dst":"10.89.0.3:15080","bytes_in":8,"bytes_out":40,"duration_ms":1.2,"reason":"closed"}'),
+     '"dst":"10.89.0.3:15080","bytes_in":8,"bytes_out":40,"duration_ms":1.2,"reason":"closed"}'),
     ('{"start_time":"2026-11-26T21:30:00.200Z","direction":"inbound","src":"10.89.0.3:51200",'
-    '"dst":"10.89.0.2:15080","bytes_in":8,"bytes_out":40,"duration_ms":0.9,"reason":"closed"}'),
+     '"dst":"10.89.0.2:15080","bytes_in":8,"bytes_out":40,"duration_ms":0.9,"reason":"closed"}'),
     "sidecar-proxy: listening on 15006 (not an access-log line)",
 ]
 
@@ -65,7 +65,7 @@ def run(capsys, argv):
 def test_serve_and_connect_round_trip(capsys):
     port = free_port()
     threading.Thread(target=probe.serve, args=(port,), daemon=True).start()
-    for _ in range(50):
+    for _attempt in range(50):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
