@@ -129,12 +129,12 @@ up() {
   write_inventory
   cd "$SIDECAR_REPO"
   log "installing the demo app (playbooks/lab/prepare.yml)"
-  ansible-playbook -i "$INVENTORY" playbooks/lab/prepare.yml >"$LABDIR/prepare.log" \
+  ansible-playbook -i "$INVENTORY" playbooks/lab/prepare.yml >"$LABDIR/prepare.log" 2>&1 \
     || { tail -n 40 "$LABDIR/prepare.log"; die "lab preparation failed (log: $LABDIR/prepare.log)"; }
   log "deploying sidecar.intercept with playbooks/site.yml (log: $LABDIR/site.log)"
-  ansible-playbook -i "$INVENTORY" playbooks/site.yml >"$LABDIR/site.log" \
+  ansible-playbook -i "$INVENTORY" playbooks/site.yml >"$LABDIR/site.log" 2>&1 \
     || { tail -n 60 "$LABDIR/site.log"; die "site.yml failed (log: $LABDIR/site.log)"; }
-  grep -A "$((HOSTS + 1))" '^PLAY RECAP' "$LABDIR/site.log" | tail -n "$HOSTS"
+  grep -A "$HOSTS" '^PLAY RECAP' "$LABDIR/site.log" | tail -n "$HOSTS"
   demo
 }
 
