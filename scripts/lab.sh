@@ -140,11 +140,14 @@ up() {
 
 down() {
   setup_podman
-  log "removing the lab containers, network and images"
+  log "removing the lab containers and network${1:+ (images kept)}"
   podman ps -a --filter label=sidecar.lab=1 --format '{{.Names}}' | xargs -r podman rm -f -t 2 >/dev/null
   podman network exists "$NET" && podman network rm -f "$NET" >/dev/null
   if [ "${1:-}" != "--keep-images" ]; then
-    podman image exists "$IMAGE" && podman rmi -f "$IMAGE" >/dev/null
+    # without -f: an image that other containers (a Molecule run) still use is kept, not forced away
+    if podman image exists "$IMAGE" && ! podman rmi "$IMAGE" >/dev/null 2>&1; then
+      log "image $IMAGE is in use by other containers; kept"
+    fi
   fi
   rm -rf "$LABDIR"
   log "lab removed"
