@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import select
 import signal
@@ -284,7 +285,7 @@ def test_loop_guard(topo: Topo, start_proxy: Any) -> None:
     proxy.wait_until(lambda: _stat(proxy, "errors", "loop") == 3)
     assert _stat(proxy, "connections_active") == {"inbound": 0, "outbound": 0}
     assert 'sidecar_proxy_errors_total{kind="loop"} 3' in proxy.metrics()
-    assert [e["reason"] for e in proxy.access_log()] == ["loop"] * 3
+    proxy.wait_until(lambda: [e["reason"] for e in proxy.access_log()] == ["loop"] * 3)
 
 
 def test_connect_timeout(topo: Topo, start_proxy: Any) -> None:
@@ -433,3 +434,44 @@ def test_fd_exhaustion_pauses_and_recovers(topo: Topo, start_proxy: Any, serve: 
         assert s.recv(4) == b"back"
     errors = _stat(proxy, "errors")
     assert errors["accept"] + errors["connect_error"] >= 1
+
+
+def test_stalled_access_log_sink_does_not_stall_traffic(topo: Topo, start_proxy: Any, serve: Any,
+                                                       tmp_path: Path) -> None:
+    """The access log goes to a pipe nobody reads (journald stalled): connections keep flowing,
+    the lines that do not fit the bounded queue are dropped and counted, the rest arrive later."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, not read: the pipe fills up
+    try:
+        topo.redirect_inbound()
+        proxy = start_proxy(topo.sns, {"access_log": str(fifo)},
+                            env={"SIDECAR_PROXY_ACCESS_LOG_QUEUE": "32768"})
+
+        def reply(conn: socket.socket, _peer: Any) -> None:
+            with conn:
+                conn.sendall(b"ok")
+
+        serve(topo.sns, socket.AF_INET, 8080, reply)
+        total = 1200  # ~200 bytes a line: far more than the 64 KiB pipe plus the 32 KiB queue hold
+        for _ in range(total):
+            s = connect(topo.cns, socket.AF_INET, (topo.s4, 8080))
+            s.settimeout(5)  # a loop blocked on the log would hang here
+            with s:
+                assert recv_all(s) == b"ok"
+        proxy.wait_until(lambda: _stat(proxy, "connections_active") == {"inbound": 0, "outbound": 0})
+        dropped = _stat(proxy, "access_log_dropped")
+        assert 0 < dropped < total
+        assert f"sidecar_proxy_access_log_dropped_total {dropped}" in proxy.metrics()
+        # once the reader drains the pipe, every line that was not dropped arrives, whole
+        data = b""
+        deadline = time.monotonic() + 10
+        while data.count(b"\n") < total - dropped and time.monotonic() < deadline:
+            select.select([reader], [], [], 0.2)
+            with contextlib.suppress(BlockingIOError):
+                data += os.read(reader, 1 << 20)
+        lines = data.decode().splitlines()
+        assert len(lines) == total - dropped
+        assert all(json.loads(line)["reason"] == "closed" for line in lines)
+    finally:
+        os.close(reader)

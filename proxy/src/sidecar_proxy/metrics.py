@@ -36,6 +36,7 @@ class Metrics:
         self.connect_sum = 0.0
         self.reloads = 0
         self.reload_failures = 0
+        self.access_log_dropped = 0
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -92,6 +93,10 @@ class Metrics:
             "# TYPE sidecar_proxy_reloads_total counter",
             f'sidecar_proxy_reloads_total{{result="ok"}} {self.reloads}',
             f'sidecar_proxy_reloads_total{{result="failed"}} {self.reload_failures}',
+            "# HELP sidecar_proxy_access_log_dropped_total Access-log lines dropped because the log sink "
+            "could not keep up.",
+            "# TYPE sidecar_proxy_access_log_dropped_total counter",
+            f"sidecar_proxy_access_log_dropped_total {self.access_log_dropped}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -107,4 +112,5 @@ class Metrics:
                 "buckets": {str(le): n for le, n in zip(BUCKETS, self.connect_buckets, strict=True)},
             },
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
+            "access_log_dropped": self.access_log_dropped,
         }

@@ -51,6 +51,8 @@ def listen_socket(family: int, host: str, port: int, transparent: bool, backlog:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+        # accepted sockets inherit TCP_NODELAY from the listener: one setsockopt fewer per connection
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

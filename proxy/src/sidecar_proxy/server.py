@@ -24,9 +24,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from . import __version__, netutil
+from .accesslog import AccessLog
 from .config import Config, ConfigError, build
 from .metrics import Metrics
 
@@ -208,7 +209,7 @@ class Server:
         self.stopping = False
         self.signals: list[int] = []  # signal numbers, appended by the handler
         self.log_lines: list[str] = []
-        self.access: IO[str] | None = None
+        self.access: AccessLog | None = None
         self.own_ports: set[int] = set()
         self.pt_v4: str | None = None
         self.pt_v6: str | None = None
@@ -240,7 +241,10 @@ class Server:
                 new[spec] = self.bind_listener(spec)
             if admin_changed:
                 admin = netutil.listen_socket(admin_fam, cfg.admin_address, cfg.admin_port, False, 128)
-            access = self.open_access_log(cfg.access_log)
+            # stdout stays one sink (two writer threads could interleave partial writes); a file is
+            # reopened on every reload, which is what log rotation needs
+            keep = self.access is not None and cfg.access_log == "-" and self.access.path == "-"
+            access = self.access if keep else self.open_access_log(cfg.access_log)
         except OSError:
             for lst in new.values():
                 lst.sock.close()
@@ -266,9 +270,9 @@ class Server:
             self.admin_sock = admin
             self.ep.register(admin.fileno(), EPOLLIN)
             self.handlers[admin.fileno()] = self.admin_accept
-        if self.access is not None and self.access is not sys.stdout:
+        if self.access is not None and self.access is not access:
             self.flush_access_log()
-            self.access.close()
+            self.access.close()  # its thread writes what is queued, then closes a file (not stdout)
         self.access = access
         self.cfg = cfg
         self.own_ports = {cfg.inbound_port, cfg.outbound_port, cfg.admin_port}
@@ -293,12 +297,8 @@ class Server:
         self.handlers[lst.fd] = self.make_acceptor(lst)
 
     @staticmethod
-    def open_access_log(path: str) -> IO[str] | None:
-        if path == "":
-            return None
-        if path == "-":
-            return sys.stdout
-        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the process lifetime
+    def open_access_log(path: str) -> AccessLog | None:
+        return AccessLog(path) if path else None
 
     def close_listener(self, lst: Listener) -> None:
         self.handlers.pop(lst.fd, None)
@@ -373,15 +373,13 @@ class Server:
                        dst: netutil.Addr) -> None:
         fam = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
         try:
-            usock = socket.socket(fam, socket.SOCK_STREAM)
+            usock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             self.metrics.error("connect_error")
             log.error("cannot create upstream socket: %s", exc)
             self.reset_close(csock)
             return
-        csock.setblocking(False)
-        usock.setblocking(False)
-        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        csock.setblocking(False)  # (TCP_NODELAY comes from the listener)
         usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if inbound:
             pt = self.pt_v6 if fam == socket.AF_INET6 else self.pt_v4
@@ -411,7 +409,10 @@ class Server:
         self.finish(conn, kind, rst_client=True)
 
     def connected(self, conn: Conn, events: int) -> None:
-        err = conn.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # a connect that failed reports EPOLLERR (and HUP); only then is SO_ERROR worth a syscall
+        err = 0
+        if events & (EPOLLERR | EPOLLHUP):
+            err = conn.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.connect_failed(conn, err)
             return
@@ -643,13 +644,8 @@ class Server:
         if not self.log_lines:
             return
         lines, self.log_lines = self.log_lines, []
-        if self.access is None:
-            return
-        try:
-            self.access.write("\n".join(lines) + "\n")
-            self.access.flush()
-        except OSError as exc:
-            log.error("access log write failed: %s", exc)
+        if self.access is not None:
+            self.metrics.access_log_dropped += self.access.submit(lines)
 
     # ------------------------------------------------------------------ timers
     def sweep(self) -> None:
@@ -852,6 +848,8 @@ class Server:
             for conn in list(self.connecting):
                 self.finish(conn, "drain", rst_client=True, rst_upstream=True)
         self.flush_access_log()
+        if self.access is not None:
+            self.access.close(wait=2.0)
         log.info("stopped")
         return 0
 

@@ -1,0 +1,97 @@
+"""The access log sink: the event loop hands lines over, a writer thread does the blocking writes.
+
+A write to stdout blocks when journald (or whatever reads the pipe) stalls, and a write to a file
+blocks when its disk does; either would stop the whole event loop, and with it every connection.
+So the loop only appends to a queue, and one daemon thread writes.  The queue is bounded in bytes:
+when the sink cannot keep up, whole batches of lines are dropped and counted
+(`sidecar_proxy_access_log_dropped_total`) instead of growing memory or stalling traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import deque
+
+log = logging.getLogger("sidecar_proxy")
+
+# bytes waiting for the writer before new lines are dropped (about 40,000 lines)
+QUEUE_LIMIT = int(os.environ.get("SIDECAR_PROXY_ACCESS_LOG_QUEUE", str(8 << 20)))
+
+
+class AccessLog:
+    """One open sink ("-" = stdout, else a file opened for append) with its writer thread."""
+
+    def __init__(self, path: str, limit: int = QUEUE_LIMIT) -> None:
+        self.path = path
+        if path == "-":
+            self.fd = 1
+            self.own_fd = False
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.own_fd = True
+        self.limit = limit
+        self.queue: deque[bytes] = deque()
+        self.queued = 0  # bytes in the queue plus the batch being written
+        self.write_errors = 0
+        self.closing = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="access-log", daemon=True)
+        self.thread.start()
+
+    def submit(self, lines: list[str]) -> int:
+        """Queue lines (without newlines); never blocks on the sink. Returns how many were dropped."""
+        data = ("\n".join(lines) + "\n").encode()
+        with self.cond:
+            if self.queued + len(data) > self.limit:
+                return len(lines)
+            self.queue.append(data)
+            self.queued += len(data)
+            self.cond.notify()
+        return 0
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:  # closing and nothing left
+                    break
+                batch = b"".join(self.queue)
+                self.queue.clear()
+            self.write_all(batch)
+            with self.cond:
+                self.queued -= len(batch)
+                self.cond.notify_all()
+        if self.own_fd:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+    def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.write_errors += 1
+                if self.write_errors <= 3 or self.write_errors % 1000 == 0:
+                    log.error("access log write to %s failed: %s", self.path, exc)
+                return
+            view = view[n:]
+
+    def close(self, wait: float = 0.0) -> None:
+        """Write what is queued, then end the thread; wait up to `wait` seconds for that."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if wait > 0:
+            self.thread.join(wait)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until everything queued so far is written (for tests and shutdown)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.queued == 0, timeout)
