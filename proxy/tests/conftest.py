@@ -61,11 +61,26 @@ def delete_ns(name: str) -> None:
     _run("ip", "netns", "del", name, check=False)
 
 
+def _owner_alive(name: str) -> bool:
+    """Namespaces are named spx-<pid of the pytest run>-<tag>-<side>: is that run still going?"""
+    parts = name.split("-")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep_stale() -> None:
+    """Remove namespaces left by an earlier, killed run; never those of a run still going."""
     out = _run("ip", "netns", "list", check=False).stdout
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith("spx-"):
+        if name.startswith("spx-") and not _owner_alive(name):
             delete_ns(name)
 
 
@@ -127,8 +142,8 @@ class Topo:
     def __init__(self) -> None:
         tag = f"{random.randrange(16**6):06x}"
         self.n = random.randrange(1, 250)
-        self.cns = f"spx-{tag}-c"
-        self.sns = f"spx-{tag}-s"
+        self.cns = f"spx-{os.getpid()}-{tag}-c"
+        self.sns = f"spx-{os.getpid()}-{tag}-s"
         self.cveth = f"spx{tag}c"
         self.sveth = f"spx{tag}s"
         self.c4 = f"10.231.{self.n}.1"
