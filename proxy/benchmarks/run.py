@@ -102,7 +102,7 @@ def capture(kind: str) -> None:
         rules += f"-A SPB_IN -p tcp -m multiport --dports {ports} -j REDIRECT --to-ports {PROXY_PORT}\n"
     rules += "COMMIT\n*mangle\n-F SPB_IN\n"
     if kind == "tproxy":
-        rules += ("-A SPB_IN -p tcp -m socket -j SPB_DIVERT\n"
+        rules += ("-A SPB_IN -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j SPB_DIVERT\n"
                   f"-A SPB_IN -p tcp -m multiport --dports {ports} -j TPROXY --on-port {PROXY_PORT} "
                   f"--tproxy-mark {MARK}/0xffffffff\n")
     rules += "COMMIT\n"

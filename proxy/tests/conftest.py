@@ -197,7 +197,7 @@ class Topo:
             _run("ip", "netns", "exec", self.sns, restore, "--noflush", input=(
                 "*mangle\n:SPX_IN - [0:0]\n:SPX_DIVERT - [0:0]\n"
                 f"-A PREROUTING -i {self.sveth} -p tcp -j SPX_IN\n"
-                "-A SPX_IN -p tcp -m socket -j SPX_DIVERT\n"
+                "-A SPX_IN -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j SPX_DIVERT\n"
                 f"-A SPX_IN -p tcp -j TPROXY --on-port {port} --tproxy-mark {mark}/0xffffffff\n"
                 f"-A SPX_DIVERT -j MARK --set-xmark {mark}/0xffffffff\n"
                 "-A SPX_DIVERT -j ACCEPT\n"

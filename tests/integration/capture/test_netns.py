@@ -197,3 +197,50 @@ def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, t
         for p in procs:
             p.kill()
             p.wait(timeout=5)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_tproxy_reconnect_from_same_port_is_captured(ns, tmp_path, family):
+    """The proxy's side closes first and keeps the connection in TIME_WAIT; a client that reconnects
+    from the same source port must reach the proxy again, not the host's own stack (a socket-lookup
+    DIVERT rule matched the TIME_WAIT socket and let such a SYN bypass TPROXY)."""
+    server, client = ns(), ns()
+    veth_s, veth_c = "scaps" + uuid.uuid4().hex[:6], "scapc" + uuid.uuid4().hex[:6]
+    sh("ip", "link", "add", veth_s, "netns", server, "type", "veth", "peer", "name", veth_c, "netns", client)
+    v6 = family == "ipv6"
+    addr_s, addr_c = ("fd00:232::2", "fd00:232::1") if v6 else ("10.232.0.2", "10.232.0.1")
+    plen = "64" if v6 else "24"
+    for n, dev, a in ((server, veth_s, addr_s), (client, veth_c, addr_c)):
+        sh("ip", "netns", "exec", n, "ip", "addr", "add", "%s/%s" % (a, plen), "dev", dev, "nodad")
+        sh("ip", "netns", "exec", n, "ip", "link", "set", dev, "up")
+    procs = []
+    try:
+        rules = (GOLDEN / ("tproxy-defaults.%s.rules" % family)).read_text()
+        assert run_module(server, tmp_path, family=family, backend="nft", rules=rules)["changed"]
+        flag = "-6" if v6 else "-4"
+        sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "1337", "lookup", "133")
+        sh("ip", "netns", "exec", server, "ip", flag, "route", "add", "local", "default", "dev", "lo", "table", "133")
+        procs.append(start_server(server, "tproxy", 15006, family))
+        procs.append(start_server(server, "direct", 8080, family))  # the app, on the wildcard address
+        code = textwrap.dedent("""
+            import socket, sys, time
+            fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+            for attempt in range(10):
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.settimeout(3)
+                s.bind((sys.argv[2], 40123))
+                try:
+                    s.connect((sys.argv[1], 8080))
+                    print(s.recv(200).decode() or "empty")
+                except OSError as exc:
+                    print(type(exc).__name__, exc.errno)
+                s.close()
+                time.sleep(0.1)  # our side's LAST_ACK ends; the peer's TIME_WAIT stays
+        """)
+        out = sh("ip", "netns", "exec", client, sys.executable, "-c", code, addr_s, addr_c, check=False)
+        assert out.stdout.splitlines() == ["proxy %s 8080" % addr_s] * 10, (out.stdout, out.stderr[-500:])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=5)
