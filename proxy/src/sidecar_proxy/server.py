@@ -570,12 +570,15 @@ class Server:
             self.buffers.put(f.buf)
             f.buf = None
         conn = f.conn
+        other = conn.down if f is conn.up else conn.up
+        if other.done:
+            # both directions have ended: dst's input was read to EOF, so close() sends a plain FIN and
+            # the shutdown() would be a wasted system call
+            self.finish(conn, "closed")
+            return
         dst_sock = conn.csock if f.upstream_side else conn.usock
         with contextlib.suppress(OSError):
             dst_sock.shutdown(socket.SHUT_WR)
-        other = conn.down if f is conn.up else conn.up
-        if other.done:
-            self.finish(conn, "closed")
 
     def flow_error(self, f: Flow, exc: OSError, writing: bool) -> None:
         # reading src failed: src's peer reset; writing dst failed: dst's peer is gone.
