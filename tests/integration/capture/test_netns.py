@@ -145,6 +145,26 @@ SERVER = textwrap.dedent("""
 """)
 
 
+def two_hosts(ns, family):
+    """A server and a client namespace joined by a veth pair; returns (server, client, addr_s, addr_c)."""
+    server, client = ns(), ns()
+    veth_s, veth_c = "scaps" + uuid.uuid4().hex[:6], "scapc" + uuid.uuid4().hex[:6]
+    sh("ip", "link", "add", veth_s, "netns", server, "type", "veth", "peer", "name", veth_c, "netns", client)
+    v6 = family == "ipv6"
+    addr_s, addr_c = ("fd00:232::2", "fd00:232::1") if v6 else ("10.232.0.2", "10.232.0.1")
+    plen = "64" if v6 else "24"
+    for n, dev, a in ((server, veth_s, addr_s), (client, veth_c, addr_c)):
+        sh("ip", "netns", "exec", n, "ip", "addr", "add", "%s/%s" % (a, plen), "dev", dev, "nodad")
+        sh("ip", "netns", "exec", n, "ip", "link", "set", dev, "up")
+    return server, client, addr_s, addr_c
+
+
+def tproxy_routes(server, v6):
+    flag = "-6" if v6 else "-4"
+    sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "1337", "lookup", "133")
+    sh("ip", "netns", "exec", server, "ip", flag, "route", "add", "local", "default", "dev", "lo", "table", "133")
+
+
 def start_server(name, mode, port, family):
     proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", SERVER, mode, str(port), family],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -162,24 +182,15 @@ def ask(name, family, addr, port):
 @pytest.mark.parametrize("mode", ["redirect", "tproxy"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, tmp_path, mode, family):
-    server, client = ns(), ns()
-    veth_s, veth_c = "scaps" + uuid.uuid4().hex[:6], "scapc" + uuid.uuid4().hex[:6]
-    sh("ip", "link", "add", veth_s, "netns", server, "type", "veth", "peer", "name", veth_c, "netns", client)
+    server, client, addr_s, addr_c = two_hosts(ns, family)
     v6 = family == "ipv6"
-    addr_s, addr_c = ("fd00:232::2", "fd00:232::1") if v6 else ("10.232.0.2", "10.232.0.1")
-    plen = "64" if v6 else "24"
-    for n, dev, a in ((server, veth_s, addr_s), (client, veth_c, addr_c)):
-        sh("ip", "netns", "exec", n, "ip", "addr", "add", "%s/%s" % (a, plen), "dev", dev, "nodad")
-        sh("ip", "netns", "exec", n, "ip", "link", "set", dev, "up")
     procs = []
     try:
         rules = (GOLDEN / ("%s-defaults.%s.rules" % (mode, family))).read_text()
         result = run_module(server, tmp_path, family=family, backend="nft", rules=rules)
         assert result["changed"], result
         if mode == "tproxy":
-            flag = "-6" if v6 else "-4"
-            sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "1337", "lookup", "133")
-            sh("ip", "netns", "exec", server, "ip", flag, "route", "add", "local", "default", "dev", "lo", "table", "133")
+            tproxy_routes(server, v6)
         procs.append(start_server(server, mode, 15006, family))
         procs.append(start_server(server, "direct", 22, family))
         time.sleep(0.2)
@@ -204,22 +215,13 @@ def test_tproxy_reconnect_from_same_port_is_captured(ns, tmp_path, family):
     """The proxy's side closes first and keeps the connection in TIME_WAIT; a client that reconnects
     from the same source port must reach the proxy again, not the host's own stack (a socket-lookup
     DIVERT rule matched the TIME_WAIT socket and let such a SYN bypass TPROXY)."""
-    server, client = ns(), ns()
-    veth_s, veth_c = "scaps" + uuid.uuid4().hex[:6], "scapc" + uuid.uuid4().hex[:6]
-    sh("ip", "link", "add", veth_s, "netns", server, "type", "veth", "peer", "name", veth_c, "netns", client)
+    server, client, addr_s, addr_c = two_hosts(ns, family)
     v6 = family == "ipv6"
-    addr_s, addr_c = ("fd00:232::2", "fd00:232::1") if v6 else ("10.232.0.2", "10.232.0.1")
-    plen = "64" if v6 else "24"
-    for n, dev, a in ((server, veth_s, addr_s), (client, veth_c, addr_c)):
-        sh("ip", "netns", "exec", n, "ip", "addr", "add", "%s/%s" % (a, plen), "dev", dev, "nodad")
-        sh("ip", "netns", "exec", n, "ip", "link", "set", dev, "up")
     procs = []
     try:
         rules = (GOLDEN / ("tproxy-defaults.%s.rules" % family)).read_text()
         assert run_module(server, tmp_path, family=family, backend="nft", rules=rules)["changed"]
-        flag = "-6" if v6 else "-4"
-        sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "1337", "lookup", "133")
-        sh("ip", "netns", "exec", server, "ip", flag, "route", "add", "local", "default", "dev", "lo", "table", "133")
+        tproxy_routes(server, v6)
         procs.append(start_server(server, "tproxy", 15006, family))
         procs.append(start_server(server, "direct", 8080, family))  # the app, on the wildcard address
         code = textwrap.dedent("""
