@@ -268,6 +268,37 @@ class IpCommand:
         if not self.module.check_mode:
             self.run(args)
 
+    def parsed(self, args, parse, *parse_args):
+        """``ip -json ARGS``, each object through ``parse``; objects it cannot parse are skipped
+        (a selector or destination the module cannot express is not one it manages)."""
+        found = []
+        for raw in self.json(args):
+            try:
+                found.append(parse(raw, *parse_args))
+            except IprouteError:
+                continue
+        return found
+
+    def exit(self, changed, before, after, text, names, **fields):
+        """exit_json with the commands, the given fields and, in diff mode, before/after as text lines."""
+        result = dict(changed=changed, commands=self.commands, **fields)
+        if self.module._diff:
+            result['diff'] = dict(before=''.join(text(x, names) + '\n' for x in before),
+                                  after=''.join(text(x, names) + '\n' for x in after))
+        self.module.exit_json(**result)
+
+
+def desired_or_fail(module, build, names):
+    """Validate the parameters with ``build``; a bad value fails the module with its message."""
+    desired, error = None, None
+    try:
+        desired = build(module.params, names)
+    except IprouteError as exc:
+        error = str(exc)
+    if error:  # outside the except block: a validation error is a message, not a crash
+        module.fail_json(msg=error)
+    return desired
+
 
 def loads_list(text):
     text = (text or '').strip()

@@ -185,7 +185,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.sidecar.intercept.plugins.module_utils.iproute import (
     IpCommand,
-    IprouteError,
+    desired_or_fail,
     public_route,
     route_args,
     route_delete_args,
@@ -195,10 +195,6 @@ from ansible_collections.sidecar.intercept.plugins.module_utils.iproute import (
     route_text,
     table_names,
 )
-
-
-def _lines(routes, names):
-    return ''.join(route_text(r, names) + '\n' for r in routes)
 
 
 def run_module():
@@ -220,26 +216,14 @@ def run_module():
     params = module.params
     family = params['family']
     names = table_names()
-    desired, error = None, None
-    try:
-        desired = route_desired(params, names)
-    except IprouteError as exc:
-        error = str(exc)
-    if error:  # outside the except block: a validation error is a message, not a crash
-        module.fail_json(msg=error)
+    desired = desired_or_fail(module, route_desired, names)
 
     ip = IpCommand(module, family)
 
     def current():
-        found = []
-        for raw in ip.json(['-details', 'route', 'show', 'table', str(desired['table'])]):
-            try:
-                route = route_from_json(raw, family, desired['table'])
-            except IprouteError:
-                continue  # a destination this module cannot express is not ours to compare
-            if route['dst'] == desired['dst']:
-                found.append(route)
-        return found
+        found = ip.parsed(['-details', 'route', 'show', 'table', str(desired['table'])],
+                          route_from_json, family, desired['table'])
+        return [r for r in found if r['dst'] == desired['dst']]
 
     before = current()
     matching = [r for r in before if route_matches(r, desired)]
@@ -260,15 +244,7 @@ def run_module():
     else:
         after = before
 
-    result = dict(
-        changed=changed,
-        route=public_route(desired),
-        routes=after,
-        commands=ip.commands,
-    )
-    if module._diff:
-        result['diff'] = dict(before=_lines(before, names), after=_lines(after, names))
-    module.exit_json(**result)
+    ip.exit(changed, before, after, route_text, names, route=public_route(desired), routes=after)
 
 
 def _predict(before, matching, desired, state):

@@ -164,7 +164,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.sidecar.intercept.plugins.module_utils.iproute import (
     IpCommand,
-    IprouteError,
+    desired_or_fail,
     public_rule,
     rule_args,
     rule_desired,
@@ -173,10 +173,6 @@ from ansible_collections.sidecar.intercept.plugins.module_utils.iproute import (
     rule_text,
     table_names,
 )
-
-
-def _lines(rules, names):
-    return ''.join(rule_text(r, names) + '\n' for r in rules)
 
 
 def run_module():
@@ -197,13 +193,7 @@ def run_module():
     )
     params = module.params
     names = table_names()
-    desired, error = None, None
-    try:
-        desired = rule_desired(params, names)
-    except IprouteError as exc:
-        error = str(exc)
-    if error:  # outside the except block: a validation error is a message, not a crash
-        module.fail_json(msg=error)
+    desired = desired_or_fail(module, rule_desired, names)
     if params['state'] == 'absent' and not any(desired[k] for k in ('from', 'to', 'fwmark', 'iif', 'oif')) \
             and desired['priority'] is None and desired['table'] is None:
         module.fail_json(msg='state=absent needs at least one of fwmark, from, to, iif, oif, priority or table;'
@@ -212,12 +202,7 @@ def run_module():
     ip = IpCommand(module, params['family'])
 
     def current():
-        found = []
-        for raw in ip.json(['rule', 'show']):
-            try:
-                found.append(rule_from_json(raw, params['family'], names))
-            except IprouteError:
-                continue  # a rule this module cannot parse has a selector it does not manage
+        found = ip.parsed(['rule', 'show'], rule_from_json, params['family'], names)
         return [r for r in found if rule_matches(r, desired, need_table=params['state'] == 'present')]
 
     before = current()
@@ -242,15 +227,8 @@ def run_module():
     else:
         after = before
 
-    result = dict(
-        changed=changed,
-        rule=public_rule(desired),
-        rules=[public_rule(r) for r in after],
-        commands=ip.commands,
-    )
-    if module._diff:
-        result['diff'] = dict(before=_lines(before, names), after=_lines(after, names))
-    module.exit_json(**result)
+    ip.exit(changed, before, after, rule_text, names,
+            rule=public_rule(desired), rules=[public_rule(r) for r in after])
 
 
 def main():
