@@ -103,8 +103,29 @@ stage_molecule() {
   scenarios="${SIDECAR_SCENARIOS:-$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort)}"
   bash scripts/lab-image.sh bookworm trixie || { record "lab images" 1 /dev/null; return; }
   for s in $scenarios; do
+    dual_stack_network "$s"
     check "molecule $s" molecule test -s "$s"
   done
+}
+
+# A scenario with `scap_network_subnets` in its inventory runs on a dual-stack Podman network
+# (Molecule's podman driver can only create IPv4 networks); it is made afresh here and the
+# scenario's destroy removes it.
+dual_stack_network() {
+  local spec name v4 v6 hosts
+  spec="$(python3 -c 'import sys, yaml
+m = yaml.safe_load(open(sys.argv[1]))
+nets = m["provisioner"].get("inventory", {}).get("group_vars", {}).get("all", {}).get("scap_network_subnets")
+if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["platforms"]])' "molecule/$1/molecule.yml")"
+  [ -n "$spec" ] || return 0
+  read -r name v4 v6 hosts <<<"$spec"
+  # what an interrupted run left (these scenarios' sequence has no destroy first): containers,
+  # Molecule's state and the network
+  # shellcheck disable=SC2086  # a word list by design
+  podman rm -f -t 1 $hosts >/dev/null 2>&1 || true
+  molecule reset -s "$1" >/dev/null 2>&1 || true
+  podman network exists "$name" && podman network rm -f "$name" >/dev/null
+  podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
 }
 
 stages=("$@")

@@ -23,6 +23,13 @@ def _ip(h):
     return h.check_output("ip -4 -o addr show dev eth0 scope global | awk '{print $4}' | head -1").split("/")[0]
 
 
+def _ip6(h):
+    out = h.check_output("ip -6 -o addr show dev eth0 scope global | awk '{print $4}' | head -1").strip()
+    assert out, ("no global IPv6 address on eth0 of %s: run the scenario through scripts/test.sh, which "
+                 "creates its dual-stack network" % h.backend.get_hostname())
+    return out.split("/")[0]
+
+
 def _cursor(h):
     """Journal cursor after everything logged so far (earlier checks' lines are flushed first)."""
     _settle()
@@ -94,7 +101,7 @@ def test_excluded_inbound_ports_and_ssh_are_not_captured(host, port):
 def test_excluded_outbound_port_and_cidr_are_not_captured(host):
     peer = _peer(host)
     since = _cursor(host)
-    alias = peer.check_output("ip -4 -o addr show dev eth0 | grep -o '10.88.25[12].[0-9]*' | head -1")
+    alias = peer.check_output("ip -4 -o addr show dev eth0 | grep -o '10\.89\.7[12]\.24[0-9]' | head -1")
     _ok(host, _ip(peer), 9090)
     _ok(host, alias, 8080)
     _settle()
@@ -123,3 +130,19 @@ def test_only_one_jump_each(host):
     assert save.count("-j SIDECAR_OUTPUT") == 1
     assert save.count("-A PREROUTING -p tcp -j SIDECAR_INBOUND") == 1
     assert "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER" in save  # foreign rules still there
+
+
+def test_ipv6_inbound_and_outbound_are_intercepted_with_original_destination(host):
+    """sidecar_ipv6 is auto: the dual-stack network gives both hosts a global IPv6 address, so the
+    ip6tables chains (and in tproxy mode the IPv6 policy routing) and the proxy's IPv6 listeners are on."""
+    peer = _peer(host)
+    since = _cursor(host)
+    mine, theirs = _ip6(host), _ip6(peer)
+    for _attempt in range(2):
+        _ok(peer, "[%s]" % mine, 8080)
+    _ok(host, "[%s]" % theirs, 8080)
+    _settle()
+    entries = _log_since(host, since)
+    assert any(e.get("direction") == "inbound" and e.get("dst") == "[%s]:8080" % mine for e in entries), entries
+    assert any(e.get("direction") == "outbound" and e.get("dst") == "[%s]:8080" % theirs for e in entries), entries
+    assert not [e for e in entries if e.get("src", "").startswith(("[::6]", "[::1]"))], entries  # no loop
