@@ -101,7 +101,7 @@ def test_excluded_inbound_ports_and_ssh_are_not_captured(host, port):
 def test_excluded_outbound_port_and_cidr_are_not_captured(host):
     peer = _peer(host)
     since = _cursor(host)
-    alias = peer.check_output("ip -4 -o addr show dev eth0 | grep -o '10\.89\.7[12]\.24[0-9]' | head -1")
+    alias = peer.check_output(r"ip -4 -o addr show dev eth0 | grep -o '10\.89\.7[12]\.24[0-9]' | head -1")
     _ok(host, _ip(peer), 9090)
     _ok(host, alias, 8080)
     _settle()
