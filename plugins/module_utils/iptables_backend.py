@@ -20,22 +20,27 @@ def run(module, args, data=None, check_rc=True):
     return rc, out, err
 
 
-def detect_backend(module, requested="auto"):
+def detect_backend(module, requested="auto", required=True):
     """Pick the iptables backend.
 
     'legacy' or 'nft' when requested; for 'auto', legacy when iptables-legacy already holds rules
     (IPv4 or IPv6), else nft (what istio-iptables does). Falls back to the plain tools when the
-    -legacy/-nft variants do not exist (returns 'plain').
+    -legacy/-nft variants do not exist (returns 'plain'). With required=False, returns None instead
+    of failing when the tools are missing.
     """
     if requested in ("legacy", "nft"):
         for fam in ("ipv4",):
             if not module.get_bin_path(tool(fam, requested, "restore")):
+                if not required:
+                    return None
                 module.fail_json(msg="sidecar_capture_backend=%s but %s is not installed"
                                  % (requested, tool(fam, requested, "restore")))
         return requested
     if not module.get_bin_path(tool("ipv4", "legacy", "save")) or not module.get_bin_path(tool("ipv4", "nft", "save")):
         if module.get_bin_path(tool("ipv4", None, "save")):
             return "plain"
+        if not required:
+            return None
         module.fail_json(msg="no iptables tools found (install the iptables package)")
     for fam in ("ipv4", "ipv6"):
         path = module.get_bin_path(tool(fam, "legacy", "save"))

@@ -30,6 +30,12 @@ options:
     description: Routing table whose routes are reported (the TPROXY table).
     type: int
     default: 133
+  require_backend:
+    description:
+      - Fail when no iptables tools exist for O(backend). With C(false) the facts report C(backend=null)
+        and the host facts only.
+    type: bool
+    default: true
   families:
     description: Address families to report.
     type: list
@@ -68,7 +74,10 @@ ansible_facts:
   type: dict
   contains:
     sidecar_capture:
-      description: Backend, then one entry per family.
+      description:
+        - Backend, then one entry per family, then C(host) - what the settings resolve against -
+          C(ipv6.enabled) (the kernel has IPv6 on), C(ipv6.global) (a global IPv6 address exists),
+          C(ssh_ports) (TCP ports sshd listens on) and C(fwmarks) (every fwmark policy rule).
       type: dict
       returned: always
       sample:
@@ -84,9 +93,14 @@ ansible_facts:
           rules: [{priority: 32765, fwmark: "0x539", table: "133"}]
           routes: [{type: local, dst: default, dev: lo}]
           passthrough_address: true
+        host:
+          ipv6: {enabled: true, global: true}
+          ssh_ports: [22, 2222]
+          fwmarks: [{fwmark: "0x539", mask: null, table: "133", priority: 32765}]
 """
 
 import json
+import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
@@ -112,6 +126,59 @@ def _ip_json(module, args):
         return []
 
 
+def _ssh_ports():
+    """TCP ports that an sshd process listens on (from /proc: socket inodes of sshd's open files)."""
+    inodes = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % pid) as fh:
+                if fh.read().strip() != "sshd":
+                    continue
+            for fd in os.listdir("/proc/%s/fd" % pid):
+                target = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    ports = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as fh:
+                lines = fh.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address, state 0A = LISTEN, inode
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def _host_facts(module):
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6") as fh:
+            v6_enabled = fh.read().strip() == "0"
+    except OSError:
+        v6_enabled = False
+    try:
+        with open("/proc/net/if_inet6") as fh:
+            # columns: address, ifindex, prefix length, scope (00 = global), flags, device
+            v6_global = any(len(line.split()) >= 6 and line.split()[3] == "00" for line in fh)
+    except OSError:
+        v6_global = False
+    fwmarks = []
+    for flag in ("-4", "-6"):
+        for r in _ip_json(module, [flag, "rule", "show"]):
+            if "fwmark" in r:
+                fwmarks.append({"family": "ipv6" if flag == "-6" else "ipv4", "fwmark": r.get("fwmark"),
+                                "mask": r.get("fwmask"), "table": str(r.get("table")), "priority": r.get("priority")})
+    return {"ipv6": {"enabled": v6_enabled, "global": v6_enabled and v6_global},
+            "ssh_ports": _ssh_ports(), "fwmarks": fwmarks}
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -119,13 +186,14 @@ def main():
             backend=dict(type="str", choices=["auto", "legacy", "nft", "plain"], default="auto"),
             table=dict(type="int", default=133),
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
+            require_backend=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
     )
     p = module.params
-    backend = detect_backend(module, p["backend"])
-    facts = {"backend": backend}
-    for family in p["families"]:
+    backend = detect_backend(module, p["backend"], required=p["require_backend"])
+    facts = {"backend": backend, "host": _host_facts(module)}
+    for family in (p["families"] if backend else []):
         flag = "-6" if family == "ipv6" else "-4"
         rules = [r for r in _ip_json(module, [flag, "rule", "show"]) if str(r.get("table")) == str(p["table"])]
         routes = _ip_json(module, [flag, "route", "show", "table", str(p["table"])])

@@ -3,8 +3,9 @@
     python tests/golden/regen.py          # rewrite the golden files
     python tests/golden/regen.py --check  # exit 1 when a golden file differs (what the unit test does)
 
-Rendering uses the role defaults plus the case's overrides, with Ansible's template settings
-(trim_blocks), so the output equals what the role writes to /etc/sidecar-intercept/rules.v4|v6.
+Each case's settings go through the collection's one validator (plugins/module_utils/settings.py,
+no host: IPv6 auto renders both families), and the template is rendered with Ansible's template
+settings (trim_blocks), so the output equals what the role writes to /etc/sidecar-intercept/rules.v4|v6.
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ import jinja2
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "plugins" / "module_utils"))
+from settings import effective  # noqa: E402  (plain import: also runs outside the collection path)
+
 ROLE = ROOT / "roles" / "capture"
 GOLDEN = Path(__file__).resolve().parent
 FAMILIES = ("ipv4", "ipv6")
 
 
+def resolved(overrides: dict) -> dict:
+    settings, errors, _warnings = effective(overrides)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return settings
+
+
 def render(overrides: dict, family: str) -> str:
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")),
                              trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    variables = {**defaults, **overrides, "_sidecar_capture_family": family}
+    variables = {"ansible_facts": {"sidecar_settings": resolved(overrides)}, "_sidecar_capture_family": family}
     return env.get_template("rules.j2").render(**variables)
 
 

@@ -1,6 +1,7 @@
 """Run on the managed host by the proxy role's preflight (with sidecar_proxy_python): one round trip
 that reports who owns the proxy's UID/GID and names, whether this Python can build a venv with pip,
-whether the host has a global IPv6 address, and PID 1's hard open-files limit. Prints JSON."""
+and PID 1's hard open-files limit. Prints JSON. (IPv6 is resolved by the settings task, from
+capture_facts.)"""
 import glob
 import grp
 import importlib.util
@@ -18,15 +19,6 @@ def entry(lookup, key):
     except (KeyError, OverflowError):
         return None
     return {"name": found[0], "id": found[2]}
-
-
-def global_ipv6():
-    try:
-        with open("/proc/net/if_inet6", encoding="ascii") as fh:
-            # columns: address, ifindex, prefix length, scope (00 = global), flags, device
-            return any(line.split()[3] == "00" for line in fh if len(line.split()) >= 6)
-    except OSError:
-        return False
 
 
 def pid1_nofile_hard():
@@ -68,6 +60,5 @@ print(json.dumps({
     "python_version": ".".join(str(v) for v in sys.version_info[:3]),
     "venv_missing": missing,
     "pip_wheel": wheel,
-    "global_ipv6": global_ipv6(),
     "nofile_hard": pid1_nofile_hard(),
 }))

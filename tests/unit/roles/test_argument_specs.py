@@ -3,7 +3,9 @@
 For each role under roles/: every option of the `main` entry point that is not required has a default,
 and defaults/main.yml holds the same value; every variable in defaults/main.yml is documented as an
 option; defaults match the declared type and choices. Across roles, a variable defined in more than one
-role (the public sidecar_* settings) has the same default everywhere.
+role has the same default everywhere. The shared settings of plugins/module_utils/settings.py are the
+exception: their argument_specs entries are generated from it (tests/unit/settings/test_specs.py checks
+them) and no defaults/main.yml may define them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from ansible_collections.sidecar.intercept.plugins.module_utils.settings import BY_NAME as SHARED
 
 ROOT = Path(__file__).resolve().parents[3]
 ROLES = sorted(p for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir()) if (ROOT / "roles").is_dir() else []
@@ -56,6 +60,10 @@ def test_every_option_has_the_same_default_in_defaults(role: Path):
     dflt = defaults(role)
     problems = []
     for name, opt in options.items():
+        if name in SHARED:
+            if name in dflt:
+                problems.append(f"{name}: a shared setting (plugins/module_utils/settings.py) must not have a role default")
+            continue
         if opt.get("required"):
             if name in dflt:
                 problems.append(f"{name}: required, but defaults/main.yml sets it")

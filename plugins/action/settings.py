@@ -1,0 +1,84 @@
+# Copyright (c) sidecar.intercept developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Action plugin of sidecar.intercept.settings: validate and resolve the public settings once.
+
+Runs on the controller: reads the sidecar_* variables of the host, validates them with
+module_utils/settings.py (nothing on the host has changed when this fails), then reads the host's
+capture facts with the capture_facts module (read-only) and resolves what depends on the host.
+"""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleError
+from ansible.plugins.action import ActionBase
+from ansible_collections.sidecar.intercept.plugins.module_utils.settings import (
+    SETTINGS,
+    effective,
+    validate,
+)
+
+_ARGS = frozenset(("gather", "require_backend"))
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+    _supports_check_mode = True
+    _supports_async = False
+
+    def _raw_settings(self, task_vars):
+        raw = {}
+        for setting in SETTINGS:
+            if setting.name in task_vars:
+                raw[setting.name] = self._templar.template(task_vars[setting.name])
+        return raw
+
+    def _management_ports(self, task_vars):
+        """The port of the connection Ansible uses to reach this host (ssh-like connections only)."""
+        if "ssh" not in str(getattr(self._connection, "transport", "") or self._play_context.connection or ""):
+            return []
+        port = None
+        try:
+            port = self._connection.get_option("port")
+        except (AnsibleError, KeyError, AttributeError):
+            port = None
+        if port is None:
+            port = self._templar.template(task_vars.get("ansible_port", task_vars.get("ansible_ssh_port", 22)))
+        return [port]
+
+    def run(self, tmp=None, task_vars=None):
+        task_vars = task_vars or {}
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        unknown = sorted(set(args) - _ARGS)
+        if unknown:
+            return dict(result, failed=True, msg="unsupported parameters: %s" % ", ".join(unknown))
+        gather = args.get("gather", True)
+        raw = self._raw_settings(task_vars)
+
+        settings, errors, warnings = validate(raw)
+        if errors:
+            return dict(result, failed=True, errors=errors,
+                        msg="Invalid sidecar.intercept settings (nothing was changed): " + "; ".join(errors))
+        facts = {}
+        host = None
+        if gather:
+            cap = self._execute_module(
+                module_name="sidecar.intercept.capture_facts",
+                module_args=dict(backend=settings["capture_backend"], table=settings["tproxy_table"],
+                                 require_backend=bool(args.get("require_backend", True))),
+                task_vars=task_vars)
+            if cap.get("failed"):
+                return dict(result, failed=True, msg=cap.get("msg", "capture_facts failed"), module_result=cap)
+            facts["sidecar_capture"] = cap["ansible_facts"]["sidecar_capture"]
+            host = facts["sidecar_capture"]["host"]
+        resolved, errors, _w = effective(raw, host, self._management_ports(task_vars))
+        if errors:
+            return dict(result, failed=True, errors=errors,
+                        msg="sidecar.intercept settings do not fit %s (nothing was changed): %s"
+                        % (task_vars.get("inventory_hostname", "this host"), "; ".join(errors)))
+        facts["sidecar_settings"] = resolved
+        result.update(changed=False, ansible_facts=facts, settings=resolved)
+        if warnings:
+            result["warnings"] = warnings
+        return result

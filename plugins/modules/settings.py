@@ -1,0 +1,99 @@
+#!/usr/bin/python
+# Copyright (c) sidecar.intercept developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: settings
+short_description: Validate and resolve the public sidecar.intercept settings of a host
+version_added: 0.2.0
+description:
+  - Reads the public C(sidecar_*) variables of the host (inventory, group_vars, extra vars; the
+    defaults come from the collection's one definition in C(module_utils/settings.py)), validates
+    them and fails, naming each bad variable and value, before anything on the host changes.
+  - Accepts what C(-e) gives for a list (C(22) or C(22,2222)); refuses leading zeros (C(0022),
+    C(010.0.0.0/8): iptables reads them as octal); writes every network in canonical form
+    (C(FD00:0:0::/64) becomes C(fd00::/64)) so that a re-run does not see drift.
+  - Then reads the host's capture facts (M(sidecar.intercept.capture_facts), read-only) and resolves
+    what depends on the host - the address families, the iptables backend, the ports of the
+    management connection (Ansible's port and the ports sshd listens on, which are never captured) -
+    and sets C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the
+    raw variables.
+  - This is an action plugin; it runs on the controller and calls capture_facts on the host.
+author:
+  - sidecar.intercept developers (@sidecar)
+options:
+  gather:
+    description: Read the host's capture facts and resolve the host-dependent values. Without it, IPv6
+      C(auto) resolves to both families and the backend to the requested one.
+    type: bool
+    default: true
+  require_backend:
+    description: Fail when the host has no iptables tools for the backend (the proxy role alone does not need them).
+    type: bool
+    default: true
+attributes:
+  action:
+    support: full
+  async:
+    support: none
+  check_mode:
+    support: full
+    description: Reads only.
+  diff_mode:
+    support: none
+    description: Changes nothing.
+  facts:
+    support: full
+  platform:
+    support: full
+    platforms: posix
+notes:
+  - The full list of settings, defaults and checks is in the collection's README (Public settings).
+"""
+
+EXAMPLES = r"""
+- name: Resolve the settings (fails on bad input before anything changes)
+  sidecar.intercept.settings:
+
+- name: Use them
+  ansible.builtin.debug:
+    msg: "{{ ansible_facts.sidecar_settings.families }} via {{ ansible_facts.sidecar_settings.backend }}"
+"""
+
+RETURN = r"""
+settings:
+  description: The resolved settings (the same as C(ansible_facts.sidecar_settings)).
+  returned: success
+  type: dict
+  sample:
+    state: present
+    mode: tproxy
+    families: [ipv4, ipv6]
+    backend: nft
+    inbound_ports: "*"
+    inbound_exclude_ports: [22, 2222]
+    user_inbound_exclude_ports: [22]
+    management_ports: [22, 2222]
+    outbound_include_cidrs: "*"
+    outbound_exclude_cidrs: {ipv4: [169.254.169.254/32], ipv6: []}
+    outbound_exclude_ports: []
+    proxy_uid: 1337
+    proxy_gid: 1337
+    inbound_port: 15006
+    outbound_port: 15001
+    admin_port: 15000
+    tproxy_mark: 1337
+    tproxy_mark_hex: "0x539"
+    tproxy_table: 133
+    ipv6: auto
+    capture_backend: auto
+errors:
+  description: Every problem found, each naming the variable and the value.
+  returned: failure
+  type: list
+  elements: str
+  sample: ['sidecar_inbound_exclude_ports="0022": leading zeros are ambiguous (octal for iptables); write 22']
+"""
