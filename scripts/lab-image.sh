@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
-# Usage: scripts/lab-image.sh [bookworm|trixie ...]   (default: bookworm)
+# Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft ...]   (default: bookworm)
 # The image localhost/sidecar-lab:<suite> carries the hash of its recipe as the label sidecar.recipe;
 # it is rebuilt only when missing or when the recipe changed.
 set -euo pipefail
@@ -10,13 +10,15 @@ ensure_apt podman runc debootstrap
 setup_podman
 
 # What goes into a lab host: systemd as init, Python for Ansible, and the network tools the roles use.
+# The image "trixie-nft" is a native-nftables host: Debian 13 with nftables and without the iptables package.
 PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iptables,iproute2,sudo,procps,kmod,ca-certificates"
+NFT_PACKAGES="${PACKAGES/iptables/nftables}"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
 
-build() {
-  local suite="$1" image="localhost/sidecar-lab:$1" recipe have rootfs
-  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$PACKAGES" "$MIRROR" | sha256sum | cut -c1-16)"
+build() {  # build TAG SUITE PACKAGES
+  local suite="$2" image="localhost/sidecar-lab:$1" packages="$3" recipe have rootfs
+  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" | sha256sum | cut -c1-16)"
   have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
   if [ "$have" = "$recipe" ]; then
     log "image $image is up to date (recipe $recipe)"
@@ -26,7 +28,7 @@ build() {
   # shellcheck disable=SC2064
   trap "rm -rf '$rootfs'" RETURN
   log "building $image with debootstrap (about a minute)"
-  if ! debootstrap --variant=minbase --include="$PACKAGES" "$suite" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1; then
+  if ! debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1; then
     tail -n 20 "$rootfs.log" >&2; rm -f "$rootfs.log"; die "debootstrap $suite failed"
   fi
   rm -f "$rootfs.log" "$rootfs/etc/hostname"
@@ -46,5 +48,9 @@ build() {
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(bookworm)
 for s in "${suites[@]}"; do
-  case "$s" in bookworm|trixie) build "$s" ;; *) die "unknown suite '$s' (expected bookworm or trixie)" ;; esac
+  case "$s" in
+    bookworm|trixie) build "$s" "$s" "$PACKAGES" ;;
+    trixie-nft) build "$s" trixie "$NFT_PACKAGES" ;;
+    *) die "unknown image '$s' (expected bookworm, trixie or trixie-nft)" ;;
+  esac
 done

@@ -17,6 +17,8 @@ import json
 import os
 import re
 
+from ansible_collections.sidecar.intercept.plugins.module_utils.command import run
+
 TABLE_MAX = 4294967295
 MARK_MAX = 0xFFFFFFFF
 # Names iproute2 knows without any file (lib/rt_names.c).
@@ -228,8 +230,6 @@ def net_text(net):
 class IpCommand:
     """Runs ``ip`` for one family; records the changing commands it ran or would run."""
 
-    ENV = {'LC_ALL': 'C', 'LANG': 'C', 'LANGUAGE': 'C'}
-
     def __init__(self, module, family):
         self.module = module
         self.flag = '-%d' % family_version(family)
@@ -237,12 +237,7 @@ class IpCommand:
         self.commands = []
 
     def run(self, args, check=True):
-        cmd = [self.ip, self.flag] + list(args)
-        rc, out, err = self.module.run_command(cmd, environ_update=self.ENV)
-        if check and rc != 0:
-            self.module.fail_json(msg='%s failed (rc=%d): %s' % (' '.join(cmd), rc, (err or out).strip()),
-                                  cmd=cmd, rc=rc, stdout=out, stderr=err)
-        return rc, out, err
+        return run(self.module, [self.ip, self.flag] + list(args), check_rc=check)
 
     def json(self, args):
         """Run ``ip -json ARGS``; a table that does not exist yet reads as empty."""

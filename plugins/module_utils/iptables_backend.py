@@ -4,44 +4,40 @@
 
 from __future__ import annotations
 
+from ansible_collections.sidecar.intercept.plugins.module_utils.command import run
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
     count_rules,
     tool,
 )
 
-C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
-
-
-def run(module, args, data=None, check_rc=True):
-    rc, out, err = module.run_command(args, data=data, environ_update=C_LOCALE, binary_data=data is not None)
-    if check_rc and rc != 0:
-        module.fail_json(msg="%s failed (rc=%d): %s" % (" ".join(args), rc, (err or out).strip()),
-                         rc=rc, stdout=out, stderr=err, cmd=args)
-    return rc, out, err
-
 
 def detect_backend(module, requested="auto", required=True):
-    """Pick the iptables backend.
+    """Pick how the rules reach the kernel.
 
-    'legacy' or 'nft' when requested; for 'auto', legacy when iptables-legacy already holds rules
-    (IPv4 or IPv6), else nft (what istio-iptables does). Falls back to the plain tools when the
-    -legacy/-nft variants do not exist (returns 'plain'). With required=False, returns None instead
+    'legacy', 'nft' or 'nftables' when requested (the tools must exist); for 'auto', legacy when
+    iptables-legacy already holds rules (IPv4 or IPv6), else nft (what istio-iptables does); the plain
+    iptables tools when the -legacy/-nft variants do not exist ('plain'); and native nftables
+    ('nftables') on a host with nft and no iptables at all. With required=False, returns None instead
     of failing when the tools are missing.
     """
+    def missing(msg):
+        if not required:
+            return None
+        return module.fail_json(msg=msg)
+
+    if requested == "nftables":
+        return "nftables" if module.get_bin_path("nft") else missing(
+            "sidecar_capture_backend=nftables but nft is not installed (install the nftables package)")
     if requested in ("legacy", "nft"):
-        for fam in ("ipv4",):
-            if not module.get_bin_path(tool(fam, requested, "restore")):
-                if not required:
-                    return None
-                module.fail_json(msg="sidecar_capture_backend=%s but %s is not installed"
-                                 % (requested, tool(fam, requested, "restore")))
-        return requested
+        name = tool("ipv4", requested, "restore")
+        return requested if module.get_bin_path(name) else missing(
+            "sidecar_capture_backend=%s but %s is not installed" % (requested, name))
     if not module.get_bin_path(tool("ipv4", "legacy", "save")) or not module.get_bin_path(tool("ipv4", "nft", "save")):
         if module.get_bin_path(tool("ipv4", None, "save")):
             return "plain"
-        if not required:
-            return None
-        module.fail_json(msg="no iptables tools found (install the iptables package)")
+        if module.get_bin_path("nft"):
+            return "nftables"
+        return missing("neither iptables nor nft found (install the iptables or the nftables package)")
     for fam in ("ipv4", "ipv6"):
         path = module.get_bin_path(tool(fam, "legacy", "save"))
         if not path:

@@ -26,7 +26,7 @@ MAX_ID = 4294967294          # uid_t/gid_t: (uint32)-1 is "no id"
 MAX_U32 = 0xFFFFFFFF
 RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 IPV6_CHOICES = ("auto", True, False)
-BACKENDS = ("auto", "legacy", "nft", "plain")
+BACKENDS = ("auto", "legacy", "nft", "plain", "nftables")
 
 
 class Setting:
@@ -108,9 +108,11 @@ SETTINGS = [
             ["Capture and listen on IPv6 too: C(auto) (when the host has a global IPv6 address), C(true) "
              "or C(false) (C(yes)/C(no) work too)."]),
     Setting("sidecar_capture_backend", "str", "auto",
-            ["How the rules reach the kernel: C(auto) (C(legacy) when iptables-legacy already holds "
-             "rules, else C(nft)), C(legacy), C(nft) (iptables over nf_tables) or C(plain) (the "
-             "C(iptables) binaries as installed)."],
+            ["How the rules reach the kernel. C(legacy), C(nft) (iptables over nf_tables) and C(plain) (the "
+             "C(iptables) binaries as installed) load iptables-restore text into owned chains; C(nftables) "
+             "loads one native table C(inet sidecar_intercept) with C(nft -f) and needs no iptables binary.",
+             "C(auto) picks C(legacy) when iptables-legacy already holds rules, else C(nft); C(plain) when "
+             "only the plain iptables binaries exist; C(nftables) on a host with C(nft) and no iptables."],
             choices=BACKENDS, roles=CAPTURE),
 ]
 

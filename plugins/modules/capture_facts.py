@@ -24,7 +24,7 @@ options:
   backend:
     description: iptables backend to read; C(auto) detects it like M(sidecar.intercept.iptables_chains).
     type: str
-    choices: [auto, legacy, nft, plain]
+    choices: [auto, legacy, nft, plain, nftables]
     default: auto
   table:
     description: Routing table whose routes are reported (the TPROXY table).
@@ -77,7 +77,10 @@ ansible_facts:
       description:
         - Backend, then one entry per family, then C(host) - what the settings resolve against -
           C(ipv6.enabled) (the kernel has IPv6 on), C(ipv6.global) (a global IPv6 address exists),
-          C(ssh_ports) (TCP ports sshd listens on) and C(fwmarks) (every fwmark policy rule).
+          C(ssh_ports) (TCP ports sshd listens on), C(fwmarks) (every fwmark policy rule) and C(tools)
+          (whether the iptables and nft commands exist).
+        - C(nftables) (when C(nft) exists) - the table C(inet sidecar_intercept) of the native backend,
+          its chains with each rule's counters and its sets.
       type: dict
       returned: always
       sample:
@@ -93,10 +96,18 @@ ansible_facts:
           rules: [{priority: 32765, fwmark: "0x539", table: "133"}]
           routes: [{type: local, dst: default, dev: lo}]
           passthrough_address: true
+        nftables:
+          present: true
+          chains:
+            SIDECAR_OUTPUT:
+              - {rule: "meta skuid 1337 counter return", packets: 12, bytes: 720}
+          sets:
+            inbound_exclude_ports: ["22"]
         host:
           ipv6: {enabled: true, global: true}
           ssh_ports: [22, 2222]
           fwmarks: [{fwmark: "0x539", mask: null, table: "133", priority: 32765}]
+          tools: {iptables: true, nft: true}
 """
 
 import json
@@ -106,11 +117,14 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
     owned_chains,
 )
+from ansible_collections.sidecar.intercept.plugins.module_utils.command import run
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
     detect_backend,
-    run,
     save,
 )
+from ansible_collections.sidecar.intercept.plugins.module_utils.nftables import table_facts
+
+NFT_TABLE = ("inet", "sidecar_intercept")
 
 
 def _ip_json(module, args):
@@ -175,15 +189,16 @@ def _host_facts(module):
             if "fwmark" in r:
                 fwmarks.append({"family": "ipv6" if flag == "-6" else "ipv4", "fwmark": r.get("fwmark"),
                                 "mask": r.get("fwmask"), "table": str(r.get("table")), "priority": r.get("priority")})
+    tools = {"iptables": bool(module.get_bin_path("iptables-save")), "nft": bool(module.get_bin_path("nft"))}
     return {"ipv6": {"enabled": v6_enabled, "global": v6_enabled and v6_global},
-            "ssh_ports": _ssh_ports(), "fwmarks": fwmarks}
+            "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools}
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             prefix=dict(type="str", default="SIDECAR_"),
-            backend=dict(type="str", choices=["auto", "legacy", "nft", "plain"], default="auto"),
+            backend=dict(type="str", choices=["auto", "legacy", "nft", "plain", "nftables"], default="auto"),
             table=dict(type="int", default=133),
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
             require_backend=dict(type="bool", default=True),
@@ -192,18 +207,23 @@ def main():
     )
     p = module.params
     backend = detect_backend(module, p["backend"], required=p["require_backend"])
-    facts = {"backend": backend, "host": _host_facts(module)}
+    host = _host_facts(module)
+    facts = {"backend": backend, "host": host}
     for family in (p["families"] if backend else []):
         flag = "-6" if family == "ipv6" else "-4"
         rules = [r for r in _ip_json(module, [flag, "rule", "show"]) if str(r.get("table")) == str(p["table"])]
         routes = _ip_json(module, [flag, "route", "show", "table", str(p["table"])])
-        try:
-            tables = owned_chains(save(module, family, backend, counters=True, fail=False), p["prefix"])
-        except RuntimeError as exc:
-            facts[family] = {"available": False, "error": str(exc)}
-            continue
+        if backend == "nftables":
+            tables = {}  # one inet table for both families: facts["nftables"]
+        else:
+            try:
+                tables = owned_chains(save(module, family, backend, counters=True, fail=False), p["prefix"])
+            except RuntimeError as exc:
+                facts[family] = {"available": False, "error": str(exc)}
+                continue
         entry = {
-            "available": True,
+            # with nftables one inet table serves both families; IPv6 is there when the kernel has it
+            "available": True if backend != "nftables" or family == "ipv4" else host["ipv6"]["enabled"],
             "tables": tables,
             "rules": rules,
             "routes": routes,
@@ -213,6 +233,10 @@ def main():
             entry["passthrough_address"] = any(
                 a.get("local") == "::6" for i in addrs for a in i.get("addr_info", []))
         facts[family] = entry
+    nft = module.get_bin_path("nft")
+    if nft:
+        rc, out, _err = run(module, [nft, "list", "table"] + list(NFT_TABLE), check_rc=False)
+        facts["nftables"] = dict(table_facts(out), present=True) if rc == 0 else {"present": False, "chains": {}, "sets": {}}
     module.exit_json(changed=False, ansible_facts={"sidecar_capture": facts})
 
 

@@ -14,12 +14,11 @@ description:
     defaults come from the collection's one definition in C(module_utils/settings.py)), validates
     them and fails, naming each bad variable and value, before anything on the host changes.
   - Accepts what C(-e) gives for a list (C(22) or C(22,2222)); refuses leading zeros (C(0022),
-    C(010.0.0.0/8): iptables reads them as octal); writes every network in canonical form
+    C(010.0.0.0/8), which iptables would read as octal); writes every network in canonical form
     (C(FD00:0:0::/64) becomes C(fd00::/64)) so that a re-run does not see drift.
   - Then reads the host's capture facts (M(sidecar.intercept.capture_facts), read-only) and resolves
-    what depends on the host - the address families, the iptables backend, the ports of the
-    management connection (Ansible's port and the ports sshd listens on, which are never captured) -
-    and sets C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the
+    what depends on the host (the address families, the backend, the ports of the management
+    connection - Ansible's port and the ports sshd listens on, which are never captured) and sets C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the
     raw variables.
   - This is an action plugin; it runs on the controller and calls capture_facts on the host.
 author:

@@ -1,4 +1,4 @@
-"""The rendered rules of roles/capture/templates/rules.j2 equal the golden files byte for byte.
+"""The rendered rules of both backends (roles/capture/templates/rules.j2, rules.nft.j2) equal the golden files byte for byte.
 
 Regenerate after an intended change with: python tests/golden/regen.py
 """
@@ -24,5 +24,6 @@ def test_golden(path):
 
 
 def test_no_stale_golden_files():
-    on_disk = set((ROOT / "tests" / "golden" / "cases").glob("*.rules"))
+    cases = ROOT / "tests" / "golden" / "cases"
+    on_disk = set(cases.glob("*.rules")) | set(cases.glob("*.nft"))
     assert on_disk == set(EXPECTED)

@@ -80,7 +80,7 @@ def test_a_string_is_never_read_character_by_character():
     ("sidecar_ipv6", "maybe", 'sidecar_ipv6="maybe": must be auto, true or false'),
     ("sidecar_mode", "ebpf", 'sidecar_mode="ebpf": must be one of redirect, tproxy'),
     ("sidecar_state", "gone", "must be one of present, absent"),
-    ("sidecar_capture_backend", "nftables-ish", "must be one of auto, legacy, nft, plain"),
+    ("sidecar_capture_backend", "nftables-ish", "must be one of auto, legacy, nft, plain, nftables"),
 ])
 def test_bad_values_are_named(name, value, message):
     assert message in bad(**{name: value})

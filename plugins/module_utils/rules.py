@@ -1,0 +1,183 @@
+# Copyright (c) sidecar.intercept developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The rules model: which capture rules exist for a configuration, decided once for every backend.
+
+`build(settings)` takes resolved settings (module_utils/settings.py) and returns the owned chains, the
+hooks that jump into them and their rules as plain data. The backends only render it:
+roles/capture/templates/rules.j2 as iptables-restore text (one family at a time: rules that carry a
+`family` belong to that family only), roles/capture/templates/rules.nft.j2 as one native nftables
+table (v4 and v6 together, lists as named sets).
+
+A rule is a dict; every key is optional except `verdict`:
+  family   'ipv4' | 'ipv6'          the rule exists for that family only
+  src      network                  source address (-s / ip saddr)
+  dst      network, dst_not         destination is / is not (-d / ! -d / ip daddr [!=])
+  iif, oif interface name           (-i / -o / iifname / oifname)
+  proto    'tcp'                    (-p tcp / meta l4proto tcp)
+  dports   [ports], set: name       one rule per port (iptables) or a named set (nftables)
+  dsts     [networks], set: name    one rule per network (iptables) or a named set (nftables)
+  uid, gid owner of the socket      (-m owner / meta skuid, skgid)
+  ctstate  [states]                 (-m conntrack --ctstate / ct state)
+  verdict  'return' | 'accept' | 'jump' (target) | 'redirect' (port) | 'tproxy' (port, mark, mask)
+           | 'mark' (mark, mask)
+A rule whose `dports` or `dsts` list is empty does not exist.
+"""
+
+from __future__ import annotations
+
+ADDR = {
+    "ipv4": {"loopback": "127.0.0.1/32", "passthrough": "127.0.0.6/32", "any": "0.0.0.0"},
+    "ipv6": {"loopback": "::1/128", "passthrough": "::6/128", "any": "::"},
+}
+FAMILIES = ("ipv4", "ipv6")
+FULL_MASK = "0xffffffff"
+
+
+def _per_family(rule, families):
+    """One copy of rule per family, with the family's addresses filled in by name."""
+    out = []
+    for fam in families:
+        r = dict(rule, family=fam)
+        for key in ("src", "dst", "dst_not"):
+            if key in r:
+                r[key] = ADDR[fam][r[key]]
+        out.append(r)
+    return out
+
+
+def _inbound_redirect(s):
+    rules = [{"proto": "tcp", "dports": s["inbound_exclude_ports"], "set": "inbound_exclude_ports", "verdict": "return"}]
+    if s["inbound_ports"] == "*":
+        rules.append({"proto": "tcp", "verdict": "jump", "target": "SIDECAR_IN_REDIRECT"})
+    else:
+        rules.append({"proto": "tcp", "dports": s["inbound_ports"], "set": "inbound_ports",
+                      "verdict": "jump", "target": "SIDECAR_IN_REDIRECT"})
+    return [
+        {"name": "SIDECAR_INBOUND", "rules": rules},
+        {"name": "SIDECAR_IN_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["inbound_port"]}]},
+    ]
+
+
+def _inbound_tproxy(s, families):
+    mark = {"mark": s["tproxy_mark_hex"], "mask": FULL_MASK}
+    inbound = [
+        {"iif": "lo", "verdict": "return"},
+        {"proto": "tcp", "dports": s["inbound_exclude_ports"], "set": "inbound_exclude_ports", "verdict": "return"},
+        {"proto": "tcp", "ctstate": ["RELATED", "ESTABLISHED"], "verdict": "jump", "target": "SIDECAR_DIVERT"},
+    ]
+    if s["inbound_ports"] == "*":
+        inbound.append({"proto": "tcp", "verdict": "jump", "target": "SIDECAR_TPROXY"})
+    else:
+        inbound.append({"proto": "tcp", "dports": s["inbound_ports"], "set": "inbound_ports",
+                        "verdict": "jump", "target": "SIDECAR_TPROXY"})
+    tproxy = _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "tproxy", "port": s["inbound_port"],
+                          "on_ip": None, **mark}, families)
+    for r in tproxy:
+        r["on_ip"] = ADDR[r["family"]]["any"]
+    return [
+        {"name": "SIDECAR_INBOUND", "rules": inbound},
+        {"name": "SIDECAR_DIVERT", "rules": [dict(verdict="mark", **mark), {"verdict": "accept"}]},
+        {"name": "SIDECAR_TPROXY", "rules": tproxy},
+    ]
+
+
+def _outbound(s, families):
+    rules = _per_family({"src": "passthrough", "oif": "lo", "verdict": "return"}, families)
+    rules += [
+        {"uid": s["proxy_uid"], "verdict": "return"},
+        {"gid": s["proxy_gid"], "verdict": "return"},
+        {"oif": "lo", "verdict": "return"},
+    ]
+    rules += _per_family({"dst": "loopback", "verdict": "return"}, families)
+    rules.append({"proto": "tcp", "dports": s["outbound_exclude_ports"], "set": "outbound_exclude_ports",
+                  "verdict": "return"})
+    for fam in families:
+        rules.append({"family": fam, "dsts": s["outbound_exclude_cidrs"][fam], "set": "outbound_exclude_" + fam[2:],
+                      "verdict": "return"})
+    if s["outbound_include_cidrs"] == "*":
+        rules.append({"verdict": "jump", "target": "SIDECAR_REDIRECT"})
+    else:
+        for fam in families:
+            rules.append({"family": fam, "dsts": s["outbound_include_cidrs"][fam],
+                          "set": "outbound_include_" + fam[2:], "verdict": "jump", "target": "SIDECAR_REDIRECT"})
+    return [
+        {"name": "SIDECAR_OUTPUT", "rules": rules},
+        {"name": "SIDECAR_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
+    ]
+
+
+def _exists(rule):
+    return not (("dports" in rule and not rule["dports"]) or ("dsts" in rule and not rule["dsts"]))
+
+
+def build(s):
+    """The capture for resolved settings s.
+
+    Returns {"families": [...], "mode": ..., "tables": [{"name": "mangle"|"nat", "hooks": [...],
+    "chains": [...]}]}: tables in the order they are written, each with its hook jumps
+    ({"hook": "PREROUTING", "proto": "tcp", "target": chain}) and owned chains ({"name", "rules"}).
+    Rules that cannot exist (an empty list) are left out.
+    """
+    families = list(s["families"])
+    tables = []
+    if s["mode"] == "tproxy":
+        tables.append({"name": "mangle", "hooks": [{"hook": "PREROUTING", "proto": "tcp", "target": "SIDECAR_INBOUND"}],
+                       "chains": _inbound_tproxy(s, families)})
+        nat_hooks, nat_chains = [], []
+    else:
+        nat_hooks = [{"hook": "PREROUTING", "proto": "tcp", "target": "SIDECAR_INBOUND"}]
+        nat_chains = _inbound_redirect(s)
+    nat_hooks.append({"hook": "OUTPUT", "proto": "tcp", "target": "SIDECAR_OUTPUT"})
+    tables.append({"name": "nat", "hooks": nat_hooks, "chains": nat_chains + _outbound(s, families)})
+    for table in tables:
+        for chain in table["chains"]:
+            chain["rules"] = [r for r in chain["rules"] if _exists(r)]
+    return {"families": families, "mode": s["mode"], "tables": tables}
+
+
+def sets(model):
+    """The named sets the nftables backend declares: [{"name", "type", "interval", "elements"}], sorted by name."""
+    found = {}
+    for table in model["tables"]:
+        for chain in table["chains"]:
+            for rule in chain["rules"]:
+                if "set" not in rule:
+                    continue
+                if "dports" in rule:
+                    found[rule["set"]] = {"name": rule["set"], "type": "inet_service", "interval": False,
+                                          "elements": [str(p) for p in rule["dports"]]}
+                else:
+                    fam = rule["family"]
+                    found[rule["set"]] = {"name": rule["set"], "type": "ipv4_addr" if fam == "ipv4" else "ipv6_addr",
+                                          "interval": True, "elements": [nft_addr(n) for n in rule["dsts"]]}
+    return [found[k] for k in sorted(found)]
+
+
+def nft_addr(network):
+    """nft prints a host network without its prefix length (10.0.0.1/32 -> 10.0.0.1)."""
+    addr, _, plen = network.partition("/")
+    return addr if plen in ("32", "128") and (":" in addr) == (plen == "128") else network
+
+
+def nft_mark(rule):
+    """The value of nft's `meta mark set` for a rule's mark/mask, as `nft list` prints it.
+
+    iptables' --set-xmark VALUE/MASK (and TPROXY's --tproxy-mark) keep the bits outside MASK; nft
+    writes that as `meta mark & KEEP | VALUE` (with KEEP folded to ~MASK | VALUE), or just VALUE when
+    MASK covers every bit.
+    """
+    value, mask = int(rule["mark"], 16), int(rule["mask"], 16)
+    if mask == 0xFFFFFFFF:
+        return "0x%08x" % value
+    return "meta mark & 0x%08x | 0x%08x" % ((~mask & 0xFFFFFFFF) | value, value)
+
+
+def chain_names(mode=None):
+    """Every owned chain name per table (mode None: both modes), for removal and mode changes."""
+    out = {"mangle": [], "nat": []}
+    if mode in (None, "tproxy"):
+        out["mangle"] += ["SIDECAR_INBOUND", "SIDECAR_DIVERT", "SIDECAR_TPROXY"]
+    if mode in (None, "redirect"):
+        out["nat"] += ["SIDECAR_INBOUND", "SIDECAR_IN_REDIRECT"]
+    out["nat"] += ["SIDECAR_OUTPUT", "SIDECAR_REDIRECT"]
+    return out
