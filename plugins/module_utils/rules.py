@@ -16,11 +16,13 @@ A rule is a dict; every key is optional except `verdict`:
   proto    'tcp'                    (-p tcp / meta l4proto tcp)
   dports   [ports], set: name       one rule per port (iptables) or a named set (nftables)
   dsts     [networks], set: name    one rule per network (iptables) or a named set (nftables)
+  srcs     [networks], set: name    the same for the source address
   uid, gid owner of the socket      (-m owner / meta skuid, skgid)
   ctstate  [states]                 (-m conntrack --ctstate / ct state)
   verdict  'return' | 'accept' | 'jump' (target) | 'redirect' (port) | 'tproxy' (port, mark, mask)
            | 'mark' (mark, mask)
-A rule whose `dports` or `dsts` list is empty does not exist.
+A rule whose `dports`, `dsts` or `srcs` list is empty does not exist; one with two lists exists once per
+pair (iptables) or matches both sets (nftables). A list's set name is `dports_set`, `dsts_set`, `srcs_set`.
 """
 
 from __future__ import annotations
@@ -45,12 +47,22 @@ def _per_family(rule, families):
     return out
 
 
-def _inbound_redirect(s):
-    rules = [{"proto": "tcp", "dports": s["inbound_exclude_ports"], "set": "inbound_exclude_ports", "verdict": "return"}]
+def _inbound_excludes(s, families):
+    """Excluded ports and source networks: RETURN before anything is captured or diverted."""
+    rules = [{"proto": "tcp", "dports": s["inbound_exclude_ports"], "dports_set": "inbound_exclude_ports",
+              "verdict": "return"}]
+    for fam in families:
+        rules.append({"family": fam, "srcs": s["inbound_exclude_cidrs"][fam], "srcs_set": "inbound_exclude_" + fam[2:],
+                      "verdict": "return"})
+    return rules
+
+
+def _inbound_redirect(s, families):
+    rules = _inbound_excludes(s, families)
     if s["inbound_ports"] == "*":
         rules.append({"proto": "tcp", "verdict": "jump", "target": "SIDECAR_IN_REDIRECT"})
     else:
-        rules.append({"proto": "tcp", "dports": s["inbound_ports"], "set": "inbound_ports",
+        rules.append({"proto": "tcp", "dports": s["inbound_ports"], "dports_set": "inbound_ports",
                       "verdict": "jump", "target": "SIDECAR_IN_REDIRECT"})
     return [
         {"name": "SIDECAR_INBOUND", "rules": rules},
@@ -60,15 +72,13 @@ def _inbound_redirect(s):
 
 def _inbound_tproxy(s, families):
     mark = {"mark": s["tproxy_mark_hex"], "mask": FULL_MASK}
-    inbound = [
-        {"iif": "lo", "verdict": "return"},
-        {"proto": "tcp", "dports": s["inbound_exclude_ports"], "set": "inbound_exclude_ports", "verdict": "return"},
+    inbound = [{"iif": "lo", "verdict": "return"}] + _inbound_excludes(s, families) + [
         {"proto": "tcp", "ctstate": ["RELATED", "ESTABLISHED"], "verdict": "jump", "target": "SIDECAR_DIVERT"},
     ]
     if s["inbound_ports"] == "*":
         inbound.append({"proto": "tcp", "verdict": "jump", "target": "SIDECAR_TPROXY"})
     else:
-        inbound.append({"proto": "tcp", "dports": s["inbound_ports"], "set": "inbound_ports",
+        inbound.append({"proto": "tcp", "dports": s["inbound_ports"], "dports_set": "inbound_ports",
                         "verdict": "jump", "target": "SIDECAR_TPROXY"})
     tproxy = _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "tproxy", "port": s["inbound_port"],
                           "on_ip": None, **mark}, families)
@@ -89,17 +99,19 @@ def _outbound(s, families):
         {"oif": "lo", "verdict": "return"},
     ]
     rules += _per_family({"dst": "loopback", "verdict": "return"}, families)
-    rules.append({"proto": "tcp", "dports": s["outbound_exclude_ports"], "set": "outbound_exclude_ports",
+    rules.append({"proto": "tcp", "dports": s["outbound_exclude_ports"], "dports_set": "outbound_exclude_ports",
                   "verdict": "return"})
     for fam in families:
-        rules.append({"family": fam, "dsts": s["outbound_exclude_cidrs"][fam], "set": "outbound_exclude_" + fam[2:],
+        rules.append({"family": fam, "dsts": s["outbound_exclude_cidrs"][fam], "dsts_set": "outbound_exclude_" + fam[2:],
                       "verdict": "return"})
+    ports = {} if s["outbound_include_ports"] == "*" else {
+        "proto": "tcp", "dports": s["outbound_include_ports"], "dports_set": "outbound_include_ports"}
     if s["outbound_include_cidrs"] == "*":
-        rules.append({"verdict": "jump", "target": "SIDECAR_REDIRECT"})
+        rules.append(dict(ports, verdict="jump", target="SIDECAR_REDIRECT"))
     else:
         for fam in families:
-            rules.append({"family": fam, "dsts": s["outbound_include_cidrs"][fam],
-                          "set": "outbound_include_" + fam[2:], "verdict": "jump", "target": "SIDECAR_REDIRECT"})
+            rules.append(dict(ports, family=fam, dsts=s["outbound_include_cidrs"][fam],
+                              dsts_set="outbound_include_" + fam[2:], verdict="jump", target="SIDECAR_REDIRECT"))
     return [
         {"name": "SIDECAR_OUTPUT", "rules": rules},
         {"name": "SIDECAR_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
@@ -107,7 +119,7 @@ def _outbound(s, families):
 
 
 def _exists(rule):
-    return not (("dports" in rule and not rule["dports"]) or ("dsts" in rule and not rule["dsts"]))
+    return all(rule[key] for key in ("dports", "dsts", "srcs") if key in rule)
 
 
 def build(s):
@@ -126,7 +138,7 @@ def build(s):
         nat_hooks, nat_chains = [], []
     else:
         nat_hooks = [{"hook": "PREROUTING", "proto": "tcp", "target": "SIDECAR_INBOUND"}]
-        nat_chains = _inbound_redirect(s)
+        nat_chains = _inbound_redirect(s, families)
     nat_hooks.append({"hook": "OUTPUT", "proto": "tcp", "target": "SIDECAR_OUTPUT"})
     tables.append({"name": "nat", "hooks": nat_hooks, "chains": nat_chains + _outbound(s, families)})
     for table in tables:
@@ -141,15 +153,14 @@ def sets(model):
     for table in model["tables"]:
         for chain in table["chains"]:
             for rule in chain["rules"]:
-                if "set" not in rule:
-                    continue
                 if "dports" in rule:
-                    found[rule["set"]] = {"name": rule["set"], "type": "inet_service", "interval": False,
-                                          "elements": [str(p) for p in rule["dports"]]}
-                else:
-                    fam = rule["family"]
-                    found[rule["set"]] = {"name": rule["set"], "type": "ipv4_addr" if fam == "ipv4" else "ipv6_addr",
-                                          "interval": True, "elements": [nft_addr(n) for n in rule["dsts"]]}
+                    found[rule["dports_set"]] = {"name": rule["dports_set"], "type": "inet_service", "interval": False,
+                                                 "elements": [str(p) for p in rule["dports"]]}
+                for key in ("dsts", "srcs"):
+                    if key in rule:
+                        name = rule[key + "_set"]
+                        found[name] = {"name": name, "type": "ipv4_addr" if rule["family"] == "ipv4" else "ipv6_addr",
+                                       "interval": True, "elements": [nft_addr(n) for n in rule[key]]}
     return [found[k] for k in sorted(found)]
 
 

@@ -81,6 +81,16 @@ SETTINGS = [
             ["Outbound destinations never captured (checked before the includes).",
              "A list, or a string separated by commas."],
             roles=CAPTURE),
+    Setting("sidecar_inbound_exclude_cidrs", "raw", [],
+            ["Sources (IPv4/IPv6 networks or addresses) whose inbound connections are never captured "
+             "(Kuma's C(--exclude-inbound-ips)).",
+             "A list, or a string separated by commas."],
+            roles=CAPTURE),
+    Setting("sidecar_outbound_include_ports", "raw", "*",
+            ["Capture outbound connections only to these destination ports (Istio's C(-q)), or C(*) for "
+             "every port. Combines with the include/exclude CIDRs: a connection is captured when both match.",
+             "A list, or a string of ports separated by commas."],
+            roles=CAPTURE),
     Setting("sidecar_outbound_exclude_ports", "raw", [],
             ["Outbound destination ports never captured.",
              "A list, or a string of ports separated by commas."],
@@ -304,6 +314,8 @@ def validate(raw):
         "inbound_ports": _port_list("sidecar_inbound_ports", v["sidecar_inbound_ports"], p, star=True),
         "inbound_exclude_ports": _port_list("sidecar_inbound_exclude_ports", v["sidecar_inbound_exclude_ports"], p),
         "outbound_exclude_ports": _port_list("sidecar_outbound_exclude_ports", v["sidecar_outbound_exclude_ports"], p),
+        "outbound_include_ports": _port_list("sidecar_outbound_include_ports", v["sidecar_outbound_include_ports"], p,
+                                             star=True),
         "proxy_uid": _integer("sidecar_proxy_uid", v["sidecar_proxy_uid"], 1, MAX_ID, p, what="a non-root UID"),
         "proxy_gid": _integer("sidecar_proxy_gid", v["sidecar_proxy_gid"], 1, MAX_ID, p, what="a non-root GID"),
         "inbound_port": _port("sidecar_inbound_port", v["sidecar_inbound_port"], p),
@@ -317,6 +329,7 @@ def validate(raw):
     }
     includes = _cidr_list("sidecar_outbound_include_cidrs", v["sidecar_outbound_include_cidrs"], p, star=True)
     excludes = _cidr_list("sidecar_outbound_exclude_cidrs", v["sidecar_outbound_exclude_cidrs"], p)
+    inbound_excludes = _cidr_list("sidecar_inbound_exclude_cidrs", v["sidecar_inbound_exclude_cidrs"], p)
 
     table = out["tproxy_table"]
     if table in RESERVED_TABLES:
@@ -333,6 +346,14 @@ def validate(raw):
         if both:
             p.add("sidecar_inbound_ports", v["sidecar_inbound_ports"],
                   "port(s) %s are also in sidecar_inbound_exclude_ports" % ", ".join(map(str, both)))
+    if isinstance(out["outbound_include_ports"], list):
+        if not out["outbound_include_ports"]:
+            p.add("sidecar_outbound_include_ports", v["sidecar_outbound_include_ports"],
+                  "an empty list would capture no outbound connection; use '*' for every port")
+        both = sorted(set(out["outbound_include_ports"]) & set(out["outbound_exclude_ports"] or []))
+        if both:
+            p.add("sidecar_outbound_include_ports", v["sidecar_outbound_include_ports"],
+                  "port(s) %s are also in sidecar_outbound_exclude_ports" % ", ".join(map(str, both)))
     if isinstance(includes, list) and excludes:
         for inc in includes:
             for exc in excludes:
@@ -346,7 +367,8 @@ def validate(raw):
                 p.add("sidecar_outbound_include_cidrs", v["sidecar_outbound_include_cidrs"],
                       "%s is loopback: connections to it never leave the host and are not captured "
                       "(loopback traffic always stays direct)" % inc.compressed)
-    v6_nets = [n.compressed for n in (includes if isinstance(includes, list) else []) + (excludes or []) if n.version == 6]
+    v6_nets = [n.compressed for n in (includes if isinstance(includes, list) else []) + (excludes or [])
+               + (inbound_excludes or []) if n.version == 6]
     if out["ipv6"] is False and v6_nets:
         p.add("sidecar_ipv6", v["sidecar_ipv6"], "IPv6 networks %s are set but IPv6 capture is off" % ", ".join(v6_nets))
     if p.errors:
@@ -357,6 +379,7 @@ def validate(raw):
 
     out["outbound_include_cidrs"] = "*" if includes == "*" else split(includes)
     out["outbound_exclude_cidrs"] = split(excludes)
+    out["inbound_exclude_cidrs"] = split(inbound_excludes)
     out["tproxy_mark_hex"] = "0x%x" % out["tproxy_mark"]
     return out, [], p.warnings
 

@@ -37,11 +37,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or n
 # iptables-nft made: neither may change.
 FOREIGN = """
 table inet filter {
-	set allowed { type inet_service; elements = { 22, 8080 } }
-	chain input { type filter hook input priority filter; policy accept; tcp dport @allowed counter accept; }
+    set allowed { type inet_service; elements = { 22, 8080 } }
+    chain input { type filter hook input priority filter; policy accept; tcp dport @allowed counter accept; }
 }
 table ip nat {
-	chain PREROUTING { type nat hook prerouting priority dstnat; policy accept; tcp dport 18080 counter dnat to 10.232.9.9:80; }
+    chain PREROUTING { type nat hook prerouting priority dstnat; policy accept; tcp dport 18080 counter dnat to 10.232.9.9:80; }
 }
 """
 

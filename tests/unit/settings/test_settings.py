@@ -194,3 +194,16 @@ def test_resolve_is_pure():
 def test_defaults_table_covers_every_setting_once():
     assert len(DEFAULTS) == len(set(DEFAULTS))
     assert all(name.startswith("sidecar_") for name in DEFAULTS)
+
+
+def test_inbound_exclude_cidrs_and_outbound_include_ports():
+    s = ok(sidecar_inbound_exclude_cidrs="10.1.0.0/16,FD00:1::/64", sidecar_outbound_include_ports="443,80")
+    assert s["inbound_exclude_cidrs"] == {"ipv4": ["10.1.0.0/16"], "ipv6": ["fd00:1::/64"]}
+    assert s["outbound_include_ports"] == [80, 443]
+    assert ok()["outbound_include_ports"] == "*" and ok()["inbound_exclude_cidrs"] == {"ipv4": [], "ipv6": []}
+    assert "an empty list would capture no outbound connection" in bad(sidecar_outbound_include_ports=[])
+    assert "port(s) 53 are also in sidecar_outbound_exclude_ports" in bad(
+        sidecar_outbound_include_ports=[53, 80], sidecar_outbound_exclude_ports=[53])
+    assert "10.1.2.3/16 has host bits set" in bad(sidecar_inbound_exclude_cidrs=["10.1.2.3/16"])
+    assert "IPv6 networks fd00::/8 are set but IPv6 capture is off" in bad(
+        sidecar_ipv6=False, sidecar_inbound_exclude_cidrs=["fd00::/8"])
