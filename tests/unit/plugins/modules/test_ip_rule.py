@@ -11,7 +11,7 @@ __metaclass__ = type
 import pytest
 
 from ansible_collections.sidecar.intercept.plugins.modules import ip_rule as module_under_test
-from ansible_collections.sidecar.intercept.tests.unit.plugins.modules.recorded_ip import (
+from ansible_collections.sidecar.intercept.tests.unit.plugins.modules.recorded import (
     check_case, load_cases, run_case)
 
 CASES = load_cases('test_ip_rule.yaml')

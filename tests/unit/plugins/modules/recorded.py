@@ -1,8 +1,32 @@
 # -*- coding: utf-8 -*-
 # Copyright: sidecar.intercept developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The runner of the data-driven ip_rule / ip_route tests: each case runs the real module code with
-``run_command`` patched to check each command and answer with the recorded output."""
+"""The one runner of the data-driven module tests (community.general's UTHelper is the model).
+
+Every module's cases live in a YAML file beside its test, in one schema:
+
+    - id: name-of-the-case
+      module: capture_facts          # only when the file serves more than one module
+      args: {...}                    # the module arguments
+      check_mode: false              # optional
+      diff: false                    # optional
+      rt_tables: {name: number}      # optional: /etc/iproute2/rt_tables names
+      run_command_calls:             # every command the module must run, in order
+        - command: [/usr/sbin/ip, '-4', -json, rule, show]
+          stdin: "..."               # optional: the exact input it must send
+          rc: 0
+          out: "..."                 # text, or YAML data printed as compact JSON (ip -json)
+          err: ""
+      output:                        # the result: each key must be equal, except
+        failed: false
+        msg: regex                   #   a regular expression the message must match
+        diff_before_contains: [...]  #   texts the diff's before/after must contain
+        diff_after_contains: [...]
+        facts: {dotted.path: value}  #   values under ansible_facts.<fact>
+
+``run_command`` is patched to check each command and answer with the recording; binaries are found
+in /usr/sbin.
+"""
 
 from __future__ import absolute_import, division, print_function
 
@@ -19,6 +43,8 @@ from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.sidecar.intercept.plugins.module_utils import iproute
+
+SPECIAL = ('failed', 'msg', 'diff_before_contains', 'diff_after_contains', 'facts')
 
 
 def load_cases(name):
@@ -46,6 +72,8 @@ def run_case(case, module_main, monkeypatch):
         expected = calls.pop(0)
         assert args == expected['command']
         assert kwargs.get('environ_update', {}).get('LC_ALL') == 'C'
+        if 'stdin' in expected:
+            assert kwargs.get('data') == expected['stdin']
         out = expected.get('out', '')
         if not isinstance(out, str):  # recorded JSON written as YAML data: print it the way ip -json does
             out = json.dumps(out, separators=(',', ':'))
@@ -61,7 +89,7 @@ def run_case(case, module_main, monkeypatch):
     monkeypatch.setattr(basic.AnsibleModule, 'run_command', fake_run_command)
     monkeypatch.setattr(basic.AnsibleModule, 'exit_json', fake_exit)
     monkeypatch.setattr(basic.AnsibleModule, 'fail_json', fake_fail)
-    monkeypatch.setattr(basic.AnsibleModule, 'get_bin_path', lambda self, *a, **k: '/sbin/ip')
+    monkeypatch.setattr(basic.AnsibleModule, 'get_bin_path', lambda self, name, *a, **k: '/usr/sbin/' + name)
     names = case.get('rt_tables', {})
     monkeypatch.setattr(iproute, 'read_names', lambda *a, **k: dict(names))
 
@@ -79,8 +107,18 @@ def check_case(case, result, failed, remaining):
     assert failed == expected.get('failed', False), result
     if 'msg' in expected:
         assert re.search(expected['msg'], result['msg']), result['msg']
+    for text in expected.get('diff_before_contains', []):
+        assert text in result['diff']['before']
+    for text in expected.get('diff_after_contains', []):
+        assert text in result['diff']['after']
+    if 'facts' in expected:
+        (facts,) = result['ansible_facts'].values()
+        for path, value in expected['facts'].items():
+            node = facts
+            for part in path.split('.'):
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            assert node == value, path
     for key, value in expected.items():
-        if key in ('failed', 'msg'):
-            continue
-        assert result.get(key) == value, 'key %s: %r != %r' % (key, result.get(key), value)
+        if key not in SPECIAL:
+            assert result.get(key) == value, 'key %s: %r != %r' % (key, result.get(key), value)
     assert not remaining, 'commands not run: %r' % (remaining,)
