@@ -71,7 +71,7 @@ class ActionModule(ActionBase):
             if cap.get("failed"):
                 return dict(result, failed=True, msg=cap.get("msg", "capture_facts failed"), module_result=cap)
             facts["sidecar_capture"] = cap["ansible_facts"]["sidecar_capture"]
-            host = facts["sidecar_capture"]["host"]
+            host = dict(facts["sidecar_capture"]["host"], backend=facts["sidecar_capture"]["backend"])
         resolved, errors, _w = effective(raw, host, self._management_ports(task_vars))
         if errors:
             return dict(result, failed=True, errors=errors,

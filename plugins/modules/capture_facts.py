@@ -36,6 +36,12 @@ options:
         and the host facts only.
     type: bool
     default: true
+  config_dir:
+    description:
+      - Where the capture role wrote its rules files and C(capture.json); the deployed capture found
+        there is compared with the kernel (C(deployment)).
+    type: path
+    default: /etc/sidecar-intercept
   families:
     description: Address families to report.
     type: list
@@ -81,6 +87,9 @@ ansible_facts:
           (whether the iptables and nft commands exist).
         - C(nftables) (when C(nft) exists) - the table C(inet sidecar_intercept) of the native backend,
           its chains with each rule's counters and its sets.
+        - C(deployment) - the capture the role deployed (O(config_dir)) against the kernel -
+          C(deployed), C(backend), C(mode), C(intact) and C(drift), the list of differences in the
+          owned chains or table and the TPROXY policy routing (empty when intact).
       type: dict
       returned: always
       sample:
@@ -103,6 +112,12 @@ ansible_facts:
               - {rule: "meta skuid 1337 counter return", packets: 12, bytes: 720}
           sets:
             inbound_exclude_ports: ["22"]
+        deployment:
+          deployed: true
+          backend: nft
+          mode: tproxy
+          intact: false
+          drift: ["nat: rewrite chain SIDECAR_INBOUND", "ipv4: no ip rule fwmark 0x539 lookup 133"]
         host:
           ipv6: {enabled: true, global: true}
           ssh_ports: [22, 2222]
@@ -115,14 +130,23 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
+    RulesError,
+    current_state,
+    desired_from_rules,
     owned_chains,
+    plan,
 )
 from ansible_collections.sidecar.intercept.plugins.module_utils.command import run
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
     detect_backend,
     save,
 )
-from ansible_collections.sidecar.intercept.plugins.module_utils.nftables import table_facts
+from ansible_collections.sidecar.intercept.plugins.module_utils.nftables import (
+    NftError,
+    canonical,
+    chain_diff,
+    table_facts,
+)
 
 NFT_TABLE = ("inet", "sidecar_intercept")
 
@@ -194,6 +218,49 @@ def _host_facts(module):
             "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools}
 
 
+def _read(path):
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _deployment(module, config_dir, nft_listing):
+    """The deployed capture (capture.json and the rules files the role wrote) against the kernel."""
+    try:
+        conf = json.loads(_read(os.path.join(config_dir, "capture.json")))
+    except (OSError, ValueError):
+        return {"deployed": False, "intact": False, "drift": []}
+    drift = []
+    try:
+        if conf["backend"] == "nftables":
+            desired = canonical(_read(os.path.join(config_dir, "rules.nft")))
+            if nft_listing is None:
+                drift.append("table inet sidecar_intercept is missing")
+            else:
+                current = canonical(nft_listing)
+                if current != desired:
+                    drift += chain_diff(desired, current) or ["table inet sidecar_intercept differs"]
+        else:
+            for family in conf["families"]:
+                desired = desired_from_rules(_read(os.path.join(config_dir, "rules." + family.replace("ip", ""))))
+                current = current_state(save(module, family, conf["backend"]), desired)
+                drift += plan(desired, current, "present", conf.get("jump_position", "first"))[0]
+    except (OSError, KeyError, RulesError, NftError) as exc:
+        drift.append("cannot compare: %s" % exc)
+    if conf.get("mode") == "tproxy":
+        table, mark = str(conf["table"]), int(conf["mark"].split("/")[0], 16)
+        for family in conf.get("families", []):
+            flag = "-6" if family == "ipv6" else "-4"
+            rules = [r for r in _ip_json(module, [flag, "rule", "show"])
+                     if str(r.get("table")) == table and int(str(r.get("fwmark", "0")), 16) == mark]
+            if not rules:
+                drift.append("%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], table))
+            routes = [r for r in _ip_json(module, [flag, "route", "show", "table", table]) if r.get("type") == "local"]
+            if not routes:
+                drift.append("%s: no local default route in table %s" % (family, table))
+    return {"deployed": True, "backend": conf.get("backend"), "mode": conf.get("mode"),
+            "intact": not drift, "drift": drift}
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -202,6 +269,7 @@ def main():
             table=dict(type="int", default=133),
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
             require_backend=dict(type="bool", default=True),
+            config_dir=dict(type="path", default="/etc/sidecar-intercept"),
         ),
         supports_check_mode=True,
     )
@@ -234,9 +302,12 @@ def main():
                 a.get("local") == "::6" for i in addrs for a in i.get("addr_info", []))
         facts[family] = entry
     nft = module.get_bin_path("nft")
+    listing = None
     if nft:
         rc, out, _err = run(module, [nft, "list", "table"] + list(NFT_TABLE), check_rc=False)
+        listing = out if rc == 0 else None
         facts["nftables"] = dict(table_facts(out), present=True) if rc == 0 else {"present": False, "chains": {}, "sets": {}}
+    facts["deployment"] = _deployment(module, p["config_dir"], listing)
     module.exit_json(changed=False, ansible_facts={"sidecar_capture": facts})
 
 

@@ -21,6 +21,11 @@ PLAY = """
       ansible.builtin.debug:
         msg: "RESOLVED {{ ansible_facts.sidecar_settings | to_json }}"
       tags: [sidecar_capture_validate]
+    - name: The backend is the one the host facts detected
+      ansible.builtin.assert:
+        that: ansible_facts.sidecar_settings.backend == ansible_facts.sidecar_capture.backend
+        fail_msg: "BACKEND MISMATCH {{ ansible_facts.sidecar_settings.backend }} != {{ ansible_facts.sidecar_capture.backend }}"
+      tags: [sidecar_capture_validate]
 """
 
 pytestmark = pytest.mark.skipif(not shutil.which("ansible-playbook") or not os.environ.get("ANSIBLE_COLLECTIONS_PATH"),

@@ -25,7 +25,7 @@ Every module's cases live in a YAML file beside its test, in one schema:
         facts: {dotted.path: value}  #   values under ansible_facts.<fact>
 
 ``run_command`` is patched to check each command and answer with the recording; binaries are found
-in /usr/sbin.
+in /usr/sbin; an argument ending in ``_dir`` is relative to the repository.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -45,6 +45,7 @@ from ansible.module_utils.testing import patch_module_args
 from ansible_collections.sidecar.intercept.plugins.module_utils import iproute
 
 SPECIAL = ('failed', 'msg', 'diff_before_contains', 'diff_after_contains', 'facts')
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', '..', '..'))
 
 
 def load_cases(name):
@@ -94,6 +95,9 @@ def run_case(case, module_main, monkeypatch):
     monkeypatch.setattr(iproute, 'read_names', lambda *a, **k: dict(names))
 
     args = dict(case['args'])
+    for key, value in args.items():  # directories in a case are relative to the repository
+        if key.endswith('_dir') and not os.path.isabs(value):
+            args[key] = os.path.join(ROOT, value)
     args['_ansible_check_mode'] = case.get('check_mode', False)
     args['_ansible_diff'] = case.get('diff', False)
     with patch_module_args(args):

@@ -1,0 +1,57 @@
+"""The sidecar.intercept.settings action: variables in, resolved settings out, with the host facts
+that capture_facts reports (a recorded module result stands in for the host)."""
+
+from __future__ import annotations
+
+from unittest.mock import MagicMock
+
+import pytest
+
+from ansible_collections.sidecar.intercept.plugins.action.settings import ActionModule
+
+CAPTURE = {"backend": "legacy", "host": {"ipv6": {"enabled": True, "global": False}, "ssh_ports": [2222],
+                                         "fwmarks": [], "tools": {"iptables": True, "nft": False}}}
+
+
+def action(args=None, transport="ssh", port=22):
+    task = MagicMock(args=args or {}, async_val=0, check_mode=False, diff=False)
+    connection = MagicMock(transport=transport)
+    connection.get_option.return_value = port
+    templar = MagicMock()
+    templar.template.side_effect = lambda value: value
+    act = ActionModule(task, connection, MagicMock(connection=transport), MagicMock(), templar, MagicMock())
+    act._execute_module = MagicMock(return_value={"ansible_facts": {"sidecar_capture": CAPTURE}})
+    return act
+
+
+def test_resolves_against_the_host_facts():
+    act = action()
+    result = act.run(task_vars={"sidecar_inbound_exclude_ports": "22,9090", "inventory_hostname": "vm1"})
+    assert not result.get("failed"), result
+    s = result["ansible_facts"]["sidecar_settings"]
+    assert s["backend"] == "legacy"           # what capture_facts detected, not the requested 'auto'
+    assert s["families"] == ["ipv4"]          # no global IPv6 on the host
+    assert s["management_ports"] == [22, 2222]
+    assert s["inbound_exclude_ports"] == [22, 2222, 9090]
+    assert result["ansible_facts"]["sidecar_capture"] == CAPTURE
+    (call,) = act._execute_module.call_args_list
+    assert call.kwargs["module_name"] == "sidecar.intercept.capture_facts"
+    assert call.kwargs["module_args"]["backend"] == "auto"
+
+
+def test_bad_input_fails_before_the_host_is_asked():
+    act = action()
+    result = act.run(task_vars={"sidecar_inbound_port": "0015006"})
+    assert result["failed"] and 'sidecar_inbound_port="0015006": leading zeros' in result["msg"]
+    act._execute_module.assert_not_called()
+
+
+@pytest.mark.parametrize("transport", ["containers.podman.podman", "local"])
+def test_only_ssh_connections_add_a_management_port(transport):
+    result = action(transport=transport).run(task_vars={})
+    assert result["ansible_facts"]["sidecar_settings"]["management_ports"] == [2222]  # sshd's port only
+
+
+def test_unknown_parameters_are_refused():
+    result = action(args={"gahter": False}).run(task_vars={})
+    assert result["failed"] and "gahter" in result["msg"]
