@@ -166,7 +166,7 @@ def sets(model):
 
 def nft_addr(network):
     """nft prints a host network without its prefix length (10.0.0.1/32 -> 10.0.0.1)."""
-    addr, _, plen = network.partition("/")
+    addr, _sep, plen = network.partition("/")
     return addr if plen in ("32", "128") and (":" in addr) == (plen == "128") else network
 
 

@@ -18,8 +18,8 @@ description:
     (C(FD00:0:0::/64) becomes C(fd00::/64)) so that a re-run does not see drift.
   - Then reads the host's capture facts (M(sidecar.intercept.capture_facts), read-only) and resolves
     what depends on the host (the address families, the backend, the ports of the management
-    connection - Ansible's port and the ports sshd listens on, which are never captured) and sets C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the
-    raw variables.
+    connection - Ansible's port and the ports sshd listens on, which are never captured) and sets
+    C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the raw variables.
   - This is an action plugin; it runs on the controller and calls capture_facts on the host.
 author:
   - sidecar.intercept developers (@sidecar)
@@ -36,8 +36,10 @@ options:
 attributes:
   action:
     support: full
+    description: Runs on the controller; the host is only read, by capture_facts.
   async:
     support: none
+    description: Runs in the foreground.
   check_mode:
     support: full
     description: Reads only.
@@ -46,9 +48,11 @@ attributes:
     description: Changes nothing.
   facts:
     support: full
+    description: Sets C(ansible_facts.sidecar_settings) and C(ansible_facts.sidecar_capture).
   platform:
     support: full
     platforms: posix
+    description: Linux hosts.
 notes:
   - The full list of settings, defaults and checks is in the collection's README (Public settings).
 """
