@@ -201,6 +201,14 @@ def parse_fwmark(value, what='fwmark'):
     return mark, mask
 
 
+def fwmarks_overlap(a, b):
+    """True when some packet mark matches both selectors (each a (mark, mask) pair): the two masks
+    share bits and the marks agree on them. Disjoint masks (kube-proxy 0x4000, Tailscale 0xff0000 next to
+    0x539/0xfff) never collide."""
+    common = a[1] & b[1]
+    return bool(common) and (a[0] ^ b[0]) & common == 0
+
+
 def format_fwmark(mark, mask):
     if mark is None:
         return None

@@ -30,6 +30,13 @@ options:
     description: Routing table whose routes are reported (the TPROXY table).
     type: int
     default: 133
+  fwmark:
+    description:
+      - The TPROXY mark and mask (C(0x539/0xfff)). When given, each family reports under
+        C(fwmark_conflicts) the host's C(ip rule) entries with a fwmark selector that would also match
+        packets carrying this mark and that lead to another table than O(table) (other software's
+        policy routing: WireGuard, Tailscale, a VPN).
+    type: str
   families:
     description: Address families to report.
     type: list
@@ -81,7 +88,8 @@ ansible_facts:
                   - {rule: "-m owner --uid-owner 1337 -j RETURN", packets: 12, bytes: 720}
               jumps:
                 - {chain: OUTPUT, rule: "-p tcp -j SIDECAR_OUTPUT", packets: 40, bytes: 2400}
-          rules: [{priority: 32765, fwmark: "0x539", table: "133"}]
+          rules: [{priority: 32765, fwmark: "0x539", fwmask: "0xfff", table: "133"}]
+          fwmark_conflicts: [{priority: 100, fwmark: "0x1", fwmask: "0x1", table: "200"}]
           routes: [{type: local, dst: default, dev: lo}]
           passthrough_address: true
 """
@@ -91,6 +99,11 @@ import json
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
     owned_chains,
+)
+from ansible_collections.sidecar.intercept.plugins.module_utils.iproute import (
+    IprouteError,
+    fwmarks_overlap,
+    parse_fwmark,
 )
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
     detect_backend,
@@ -112,6 +125,22 @@ def _ip_json(module, args):
         return []
 
 
+def fwmark_conflicts(rules, mark, table):
+    """The entries of ``ip -json rule show`` whose fwmark selector overlaps `mark` ((mark, mask)) and whose
+    table is not ours. A "not fwmark" rule matches the packets without that mark; it is not a collision."""
+    found = []
+    for rule in rules:
+        if rule.get("fwmark") is None or "not" in rule or str(rule.get("table")) == str(table):
+            continue
+        try:
+            theirs = parse_fwmark("%s/%s" % (rule["fwmark"], rule.get("fwmask", "0xffffffff")))
+        except IprouteError:
+            continue
+        if fwmarks_overlap(mark, theirs):
+            found.append(rule)
+    return found
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -119,15 +148,23 @@ def main():
             backend=dict(type="str", choices=["auto", "legacy", "nft", "plain"], default="auto"),
             table=dict(type="int", default=133),
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
+            fwmark=dict(type="str"),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    mark = None
+    if p["fwmark"]:
+        try:
+            mark = parse_fwmark(p["fwmark"])
+        except IprouteError as exc:
+            module.fail_json(msg=str(exc))
     backend = detect_backend(module, p["backend"])
     facts = {"backend": backend}
     for family in p["families"]:
         flag = "-6" if family == "ipv6" else "-4"
-        rules = [r for r in _ip_json(module, [flag, "rule", "show"]) if str(r.get("table")) == str(p["table"])]
+        all_rules = _ip_json(module, [flag, "rule", "show"])
+        rules = [r for r in all_rules if str(r.get("table")) == str(p["table"])]
         routes = _ip_json(module, [flag, "route", "show", "table", str(p["table"])])
         try:
             tables = owned_chains(save(module, family, backend, counters=True, fail=False), p["prefix"])
@@ -140,6 +177,8 @@ def main():
             "rules": rules,
             "routes": routes,
         }
+        if mark is not None:
+            entry["fwmark_conflicts"] = fwmark_conflicts(all_rules, mark, p["table"])
         if family == "ipv6":
             addrs = _ip_json(module, ["-6", "addr", "show", "dev", "lo"])
             entry["passthrough_address"] = any(

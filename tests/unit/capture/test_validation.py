@@ -31,6 +31,10 @@ CASES = [
     ({"sidecar_inbound_ports": [22]}, "port 22 is in both sidecar_inbound_ports and sidecar_inbound_exclude_ports"),
     ({"sidecar_mode": "ebpf"}, "sidecar_mode.*ebpf|ebpf.*sidecar_mode"),
     ({"sidecar_outbound_port": 15006}, "both 15006"),
+    ({"sidecar_tproxy_mark": 0x1539}, "sidecar_tproxy_mark: 0x1539 has bits outside sidecar_tproxy_mask 0xfff"),
+    ({"sidecar_tproxy_mask": 0}, "sidecar_tproxy_mask: 0 is not a mask"),
+    ({"sidecar_capture_bridge_interfaces": ["docker0:172.17.0.0"]}, "docker0:172.17.0.0 has no valid CIDR"),
+    ({"sidecar_capture_bridge_interfaces": ["lo"]}, "lo does not start with an interface name"),
 ]
 
 pytestmark = pytest.mark.skipif(not shutil.which("ansible-playbook") or not os.environ.get("ANSIBLE_COLLECTIONS_PATH"),

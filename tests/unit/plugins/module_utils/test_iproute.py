@@ -161,3 +161,17 @@ def test_loads_list_errors():
         iproute.loads_list('[')
     with pytest.raises(IprouteError, match='not a list'):
         iproute.loads_list('{}')
+
+
+@pytest.mark.parametrize('a, b, expected', [
+    ((0x539, 0xFFF), (0x539, 0xFFFFFFFF), True),      # an exact-mark rule for our value
+    ((0x539, 0xFFF), (0x1, 0x1), True),               # shares bit 0 with the same value
+    ((0x539, 0xFFF), (0x2, 0x2), False),              # shares bit 1, our mark has it clear
+    ((0x539, 0xFFF), (0x4000, 0x4000), False),        # kube-proxy: disjoint masks
+    ((0x539, 0xFFF), (0x80000, 0xFF0000), False),     # Tailscale: disjoint masks
+    ((0x539, 0xFFF), (0xCA6C, 0xFFFFFFFF), False),    # WireGuard 51820: overlapping masks, other value
+    ((0x539, 0xFFFFFFFF), (0xC539, 0xFFFFFFFF), False),
+])
+def test_fwmarks_overlap(a, b, expected):
+    assert iproute.fwmarks_overlap(a, b) is expected
+    assert iproute.fwmarks_overlap(b, a) is expected
