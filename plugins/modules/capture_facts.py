@@ -34,8 +34,8 @@ options:
     description:
       - The TPROXY mark and mask (C(0x539/0xfff)). When given, each family reports under
         C(fwmark_conflicts) the host's C(ip rule) entries with a fwmark selector that would also match
-        packets carrying this mark and that lead to another table than O(table) (other software's
-        policy routing: WireGuard, Tailscale, a VPN).
+        packets carrying this mark and that lead to another table than O(table) (policy routing of
+        other software, such as WireGuard, Tailscale or a VPN).
     type: str
   families:
     description: Address families to report.

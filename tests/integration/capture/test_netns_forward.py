@@ -27,7 +27,10 @@ import uuid
 import pytest
 import yaml
 
-from test_netns import ROOT, SERVER, ask, pytestmark, run_module, sh  # noqa: F401  (pytestmark: root only)
+import test_netns
+from test_netns import ROOT, SERVER, ask, run_module, sh
+
+pytestmark = test_netns.pytestmark  # root, iproute2 and iptables
 
 _spec = importlib.util.spec_from_file_location("golden_regen", ROOT / "tests" / "golden" / "regen.py")
 regen = importlib.util.module_from_spec(_spec)
@@ -314,7 +317,7 @@ def test_tproxy_keeps_foreign_mark_bits_and_later_mangle_rules(lab, tmp_path):
     lab.ipt("vm", "-t", "mangle", "-I", "PREROUTING", "1", "-p", "tcp", "-j", "MARK", "--set-xmark", "0x80000/0xff0000")
     lab.ipt("vm", "-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-j", "MARK", "--set-xmark", "0x1000000/0x1000000")
     seen = mark_observers(lab, 8080)
-    for _ in range(3):
+    for _attempt in range(3):
         assert lab.ask("client", a["vm1"], 8080) == "proxy %s 8080" % a["vm1"]
     total = counter(lab, "mangle", "INPUT", seen["all"])
     assert total >= 9

@@ -163,7 +163,7 @@ def test_loads_list_errors():
         iproute.loads_list('{}')
 
 
-@pytest.mark.parametrize('a, b, expected', [
+@pytest.mark.parametrize('ours, theirs, expected', [
     ((0x539, 0xFFF), (0x539, 0xFFFFFFFF), True),      # an exact-mark rule for our value
     ((0x539, 0xFFF), (0x1, 0x1), True),               # shares bit 0 with the same value
     ((0x539, 0xFFF), (0x2, 0x2), False),              # shares bit 1, our mark has it clear
@@ -172,6 +172,6 @@ def test_loads_list_errors():
     ((0x539, 0xFFF), (0xCA6C, 0xFFFFFFFF), False),    # WireGuard 51820: overlapping masks, other value
     ((0x539, 0xFFFFFFFF), (0xC539, 0xFFFFFFFF), False),
 ])
-def test_fwmarks_overlap(a, b, expected):
-    assert iproute.fwmarks_overlap(a, b) is expected
-    assert iproute.fwmarks_overlap(b, a) is expected
+def test_fwmarks_overlap(ours, theirs, expected):
+    assert iproute.fwmarks_overlap(ours, theirs) is expected
+    assert iproute.fwmarks_overlap(theirs, ours) is expected  # symmetric

@@ -20,8 +20,8 @@ GOLDEN = Path(__file__).resolve().parents[3] / "golden" / "cases"
 def test_nat_prerouting_jumps_are_appended_others_follow_the_position(position):
     desired = desired_from_rules((GOLDEN / "redirect-bridges.ipv4.rules").read_text())
     _changes, payload = plan(desired, {}, "present", position)
-    jumps = [line for line in payload.splitlines() if line.startswith(("-A PREROUTING", "-I PREROUTING",
-                                                                         "-A OUTPUT", "-I OUTPUT"))]
+    starts = ("-A PREROUTING", "-I PREROUTING", "-A OUTPUT", "-I OUTPUT")
+    jumps = [line for line in payload.splitlines() if line.startswith(starts)]
     assert jumps == [
         "-A PREROUTING -p tcp -m addrtype --dst-type LOCAL -j SIDECAR_INBOUND",
         "-A PREROUTING -i docker0 -p tcp -m addrtype ! --dst-type LOCAL -j SIDECAR_BRIDGE",
