@@ -7,6 +7,8 @@ from __future__ import annotations
 from ansible_collections.sidecar.intercept.plugins.module_utils.rules import (
     build,
     nft_addr,
+    nft_connmark,
+    nft_iface,
     nft_mark,
     sets,
 )
@@ -25,4 +27,4 @@ def capture_sets(model):
 class FilterModule:
     def filters(self):
         return {"capture_rules": capture_rules, "capture_sets": capture_sets, "nft_addr": nft_addr,
-                "nft_mark": nft_mark}
+                "nft_mark": nft_mark, "nft_connmark": nft_connmark, "nft_iface": nft_iface}

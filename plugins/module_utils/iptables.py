@@ -177,6 +177,12 @@ def render_state(state):
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+# nat PREROUTING holds address translation, not filtering: a DNAT rule of a container engine or of
+# kube-proxy (a published port) must see a connection before our REDIRECT does, because the first NAT
+# target a connection meets decides its translation. So jumps there always go after the host's rules.
+ALWAYS_APPENDED = frozenset([("nat", "PREROUTING")])
+
+
 def plan(desired, current, state="present", jump_position="first"):
     """Compute the changes and an iptables-restore --noflush payload.
 
@@ -214,7 +220,7 @@ def plan(desired, current, state="present", jump_position="first"):
             for jump in wanted_jumps:
                 if jump not in seen:
                     changes.append("%s: add jump -A %s %s" % (table, jump[0], jump[1]))
-                    if jump_position == "first":
+                    if jump_position == "first" and (table, jump[0]) not in ALWAYS_APPENDED:
                         body.append("-I %s 1 %s" % jump)
                     else:
                         body.append("-A %s %s" % jump)

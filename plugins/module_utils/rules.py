@@ -19,8 +19,13 @@ A rule is a dict; every key is optional except `verdict`:
   srcs     [networks], set: name    the same for the source address
   uid, gid owner of the socket      (-m owner / meta skuid, skgid)
   ctstate  [states]                 (-m conntrack --ctstate / ct state)
+  connmark mark/mask                the connection mark has these bits (-m connmark --mark / ct mark)
   verdict  'return' | 'accept' | 'jump' (target) | 'redirect' (port) | 'tproxy' (port, mark, mask)
-           | 'mark' (mark, mask)
+           | 'mark' (mark, mask: set the packet mark's masked bits) | 'connmark' (the same for the
+           connection mark)
+Hooks (the jumps from the kernel's chains into ours) carry `proto`, optional `iif` and `local`
+(True: addressed to the host itself, -m addrtype --dst-type LOCAL / fib daddr type local; False:
+not addressed to it).
 A rule whose `dports`, `dsts` or `srcs` list is empty does not exist; one with two lists exists once per
 pair (iptables) or matches both sets (nftables). A list's set name is `dports_set`, `dsts_set`, `srcs_set`.
 """
@@ -71,22 +76,28 @@ def _inbound_redirect(s, families):
 
 
 def _inbound_tproxy(s, families):
-    mark = {"mark": s["tproxy_mark_hex"], "mask": FULL_MASK}
+    """Connections TPROXY took carry our connection mark: their packets are diverted to the proxy's
+    socket (DIVERT marks them for the policy route); every other known connection (the host's own,
+    forwarded ones, those opened before the capture) returns untouched."""
+    mark = {"mark": s["tproxy_mark_hex"], "mask": s["tproxy_mask_hex"]}
     inbound = [{"iif": "lo", "verdict": "return"}] + _inbound_excludes(s, families) + [
-        {"proto": "tcp", "ctstate": ["RELATED", "ESTABLISHED"], "verdict": "jump", "target": "SIDECAR_DIVERT"},
+        {"proto": "tcp", "connmark": "%s/%s" % (mark["mark"], mark["mask"]), "verdict": "jump",
+         "target": "SIDECAR_DIVERT"},
+        {"proto": "tcp", "ctstate": ["RELATED", "ESTABLISHED"], "verdict": "return"},
     ]
     if s["inbound_ports"] == "*":
         inbound.append({"proto": "tcp", "verdict": "jump", "target": "SIDECAR_TPROXY"})
     else:
         inbound.append({"proto": "tcp", "dports": s["inbound_ports"], "dports_set": "inbound_ports",
                         "verdict": "jump", "target": "SIDECAR_TPROXY"})
-    tproxy = _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "tproxy", "port": s["inbound_port"],
-                          "on_ip": None, **mark}, families)
-    for r in tproxy:
-        r["on_ip"] = ADDR[r["family"]]["any"]
+    tproxy = []
+    for fam in families:
+        tproxy += _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "connmark", **mark}, [fam])
+        tproxy += _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "tproxy", "port": s["inbound_port"],
+                               "on_ip": ADDR[fam]["any"], **mark}, [fam])
     return [
         {"name": "SIDECAR_INBOUND", "rules": inbound},
-        {"name": "SIDECAR_DIVERT", "rules": [dict(verdict="mark", **mark), {"verdict": "accept"}]},
+        {"name": "SIDECAR_DIVERT", "rules": [dict(verdict="mark", **mark)]},
         {"name": "SIDECAR_TPROXY", "rules": tproxy},
     ]
 
@@ -99,6 +110,21 @@ def _outbound(s, families):
         {"oif": "lo", "verdict": "return"},
     ]
     rules += _per_family({"dst": "loopback", "verdict": "return"}, families)
+    bridge = []
+    for iface, nets in s["bridges"].items():
+        for fam in families:
+            bridge += [{"family": fam, "dst": net, "iif": iface, "verdict": "return"} for net in nets[fam]]
+    selection = _outbound_selection(s, families)
+    return [
+        {"name": "SIDECAR_OUTPUT", "rules": rules + selection},
+        {"name": "SIDECAR_BRIDGE", "rules": (bridge + selection) if s["bridges"] else []},
+        {"name": "SIDECAR_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
+    ]
+
+
+def _outbound_selection(s, families):
+    """Exclusions, then includes: shared by the host's own connections and opted-in bridges."""
+    rules = []
     rules.append({"proto": "tcp", "dports": s["outbound_exclude_ports"], "dports_set": "outbound_exclude_ports",
                   "verdict": "return"})
     for fam in families:
@@ -112,10 +138,7 @@ def _outbound(s, families):
         for fam in families:
             rules.append(dict(ports, family=fam, dsts=s["outbound_include_cidrs"][fam],
                               dsts_set="outbound_include_" + fam[2:], verdict="jump", target="SIDECAR_REDIRECT"))
-    return [
-        {"name": "SIDECAR_OUTPUT", "rules": rules},
-        {"name": "SIDECAR_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
-    ]
+    return rules
 
 
 def _exists(rule):
@@ -132,13 +155,15 @@ def build(s):
     """
     families = list(s["families"])
     tables = []
+    # inbound: only what is addressed to the host itself; forwarded traffic (containers, routing) is not ours
+    inbound = {"hook": "PREROUTING", "proto": "tcp", "local": True, "target": "SIDECAR_INBOUND"}
     if s["mode"] == "tproxy":
-        tables.append({"name": "mangle", "hooks": [{"hook": "PREROUTING", "proto": "tcp", "target": "SIDECAR_INBOUND"}],
-                       "chains": _inbound_tproxy(s, families)})
+        tables.append({"name": "mangle", "hooks": [inbound], "chains": _inbound_tproxy(s, families)})
         nat_hooks, nat_chains = [], []
     else:
-        nat_hooks = [{"hook": "PREROUTING", "proto": "tcp", "target": "SIDECAR_INBOUND"}]
-        nat_chains = _inbound_redirect(s, families)
+        nat_hooks, nat_chains = [inbound], _inbound_redirect(s, families)
+    nat_hooks += [{"hook": "PREROUTING", "iif": iface, "proto": "tcp", "local": False, "target": "SIDECAR_BRIDGE"}
+                  for iface in s["bridges"]]
     nat_hooks.append({"hook": "OUTPUT", "proto": "tcp", "target": "SIDECAR_OUTPUT"})
     tables.append({"name": "nat", "hooks": nat_hooks, "chains": nat_chains + _outbound(s, families)})
     for table in tables:
@@ -164,14 +189,19 @@ def sets(model):
     return [found[k] for k in sorted(found)]
 
 
+def nft_iface(name):
+    """An interface name as nft matches it (iptables' wildcard suffix + is nft's *)."""
+    return name[:-1] + "*" if name.endswith("+") else name
+
+
 def nft_addr(network):
     """nft prints a host network without its prefix length (10.0.0.1/32 -> 10.0.0.1)."""
     addr, _sep, plen = network.partition("/")
     return addr if plen in ("32", "128") and (":" in addr) == (plen == "128") else network
 
 
-def nft_mark(rule):
-    """The value of nft's `meta mark set` for a rule's mark/mask, as `nft list` prints it.
+def nft_mark(rule, key="meta mark"):
+    """The value of nft's `meta mark set` (or `ct mark set`) for a rule's mark/mask, as `nft list` prints it.
 
     iptables' --set-xmark VALUE/MASK (and TPROXY's --tproxy-mark) keep the bits outside MASK; nft
     writes that as `meta mark & KEEP | VALUE` (with KEEP folded to ~MASK | VALUE), or just VALUE when
@@ -180,15 +210,10 @@ def nft_mark(rule):
     value, mask = int(rule["mark"], 16), int(rule["mask"], 16)
     if mask == 0xFFFFFFFF:
         return "0x%08x" % value
-    return "meta mark & 0x%08x | 0x%08x" % ((~mask & 0xFFFFFFFF) | value, value)
+    return "%s & 0x%08x | 0x%08x" % (key, (~mask & 0xFFFFFFFF) | value, value)
 
 
-def chain_names(mode=None):
-    """Every owned chain name per table (mode None: both modes), for removal and mode changes."""
-    out = {"mangle": [], "nat": []}
-    if mode in (None, "tproxy"):
-        out["mangle"] += ["SIDECAR_INBOUND", "SIDECAR_DIVERT", "SIDECAR_TPROXY"]
-    if mode in (None, "redirect"):
-        out["nat"] += ["SIDECAR_INBOUND", "SIDECAR_IN_REDIRECT"]
-    out["nat"] += ["SIDECAR_OUTPUT", "SIDECAR_REDIRECT"]
-    return out
+def nft_connmark(selector):
+    """nft's match of a connection mark MARK/MASK, as `nft list` prints it."""
+    mark, _sep, mask = selector.partition("/")
+    return "ct mark & 0x%08x == 0x%08x" % (int(mask or "0xffffffff", 16), int(mark, 16))

@@ -111,12 +111,26 @@ SETTINGS = [
             ["Firewall mark of TPROXY-captured packets (the policy routing selector), 1-4294967295, "
              "decimal or C(0x) hexadecimal."],
             roles=CAPTURE),
+    Setting("sidecar_tproxy_mask", "raw", 0xFFF,
+            ["The mark bits the collection owns (packet mark and connection mark), decimal or C(0x) "
+             "hexadecimal. The rules set and match only these bits, so the bits other software uses survive "
+             "(kube-proxy 0x4000, Tailscale 0xff0000, WireGuard). The default 0xfff is the mask Istio ambient "
+             "uses with the same mark (0x539/0xfff); O(sidecar_tproxy_mark) must lie inside it, and no other "
+             "C(ip rule fwmark) of the host may match it (checked before the host changes)."],
+            roles=CAPTURE),
     Setting("sidecar_tproxy_table", "int", 133,
             "Routing table with the local default route for TPROXY-marked packets (not 0, 253, 254, 255).",
             roles=CAPTURE),
     Setting("sidecar_ipv6", "raw", "auto",
             ["Capture and listen on IPv6 too: C(auto) (when the host has a global IPv6 address), C(true) "
              "or C(false) (C(yes)/C(no) work too)."]),
+    Setting("sidecar_capture_bridge_interfaces", "list", [],
+            ["Interfaces (container bridges, e.g. C(docker0), C(cni-podman0), C(br-+) as a wildcard) whose "
+             "routed TCP traffic is captured as outbound, like the host's own connections (Istio "
+             "C(--kube-virt-interfaces), Kuma C(--vnet)). Each entry is C(IFACE) or C(IFACE:CIDR); traffic from "
+             "IFACE to CIDR (the bridge's own network) is not captured. The outbound include/exclude settings apply.",
+             "Empty (default) - forwarded traffic of bridges and routing is never captured."],
+            roles=CAPTURE, elements="str"),
     Setting("sidecar_capture_backend", "str", "auto",
             ["How the rules reach the kernel. C(legacy), C(nft) (iptables over nf_tables) and C(plain) (the "
              "C(iptables) binaries as installed) load iptables-restore text into owned chains; C(nftables) "
@@ -274,6 +288,25 @@ def _cidr_list(name, value, problems, star=False):
     return sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
+_IFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}[+]?$")
+
+
+def _bridges(name, value, problems):
+    """[(iface, network or None)] from 'IFACE' or 'IFACE:CIDR' entries (the CIDR may be IPv6)."""
+    out = []
+    for entry in _items(name, value, problems):
+        iface, sep, net = str(entry).partition(":")
+        if not _IFACE.match(iface) or iface in ("lo", "lo+", "+"):
+            problems.add(name, value, "%s does not start with an interface name (IFACE or IFACE:CIDR, not lo)"
+                         % _show(entry))
+            continue
+        network = _network(name, net, value, problems) if sep else None
+        if sep and network is None:
+            continue
+        out.append((iface, network))
+    return out
+
+
 def _bool_or_auto(name, value, problems):
     if isinstance(value, bool):
         return value
@@ -325,11 +358,18 @@ def validate(raw):
                                 what="a firewall mark (1-4294967295, decimal or 0x hex)", allow_hex=True),
         "tproxy_table": _integer("sidecar_tproxy_table", v["sidecar_tproxy_table"], 1, MAX_U32 - 1, p,
                                  what="a routing table number"),
+        "tproxy_mask": _integer("sidecar_tproxy_mask", v["sidecar_tproxy_mask"], 1, MAX_U32, p,
+                                what="a mark mask (0x1-0xffffffff, decimal or 0x hex)", allow_hex=True),
         "ipv6": _bool_or_auto("sidecar_ipv6", v["sidecar_ipv6"], p),
     }
     includes = _cidr_list("sidecar_outbound_include_cidrs", v["sidecar_outbound_include_cidrs"], p, star=True)
     excludes = _cidr_list("sidecar_outbound_exclude_cidrs", v["sidecar_outbound_exclude_cidrs"], p)
     inbound_excludes = _cidr_list("sidecar_inbound_exclude_cidrs", v["sidecar_inbound_exclude_cidrs"], p)
+    bridges = _bridges("sidecar_capture_bridge_interfaces", v["sidecar_capture_bridge_interfaces"], p)
+    mark, mask = out["tproxy_mark"], out["tproxy_mask"]
+    if mark is not None and mask is not None and mark & ~mask:
+        p.add("sidecar_tproxy_mark", v["sidecar_tproxy_mark"],
+              "0x%x has bits outside sidecar_tproxy_mask 0x%x" % (mark, mask))
 
     table = out["tproxy_table"]
     if table in RESERVED_TABLES:
@@ -368,7 +408,7 @@ def validate(raw):
                       "%s is loopback: connections to it never leave the host and are not captured "
                       "(loopback traffic always stays direct)" % inc.compressed)
     v6_nets = [n.compressed for n in (includes if isinstance(includes, list) else []) + (excludes or [])
-               + (inbound_excludes or []) if n.version == 6]
+               + (inbound_excludes or []) + [n for _iface, n in bridges if n] if n.version == 6]
     if out["ipv6"] is False and v6_nets:
         p.add("sidecar_ipv6", v["sidecar_ipv6"], "IPv6 networks %s are set but IPv6 capture is off" % ", ".join(v6_nets))
     if p.errors:
@@ -381,6 +421,13 @@ def validate(raw):
     out["outbound_exclude_cidrs"] = split(excludes)
     out["inbound_exclude_cidrs"] = split(inbound_excludes)
     out["tproxy_mark_hex"] = "0x%x" % out["tproxy_mark"]
+    out["tproxy_mask_hex"] = "0x%x" % out["tproxy_mask"]
+    out["tproxy_fwmark"] = "%s/%s" % (out["tproxy_mark_hex"], out["tproxy_mask_hex"])  # as ip rule takes it
+    out["bridges"] = {}
+    for iface, net in bridges:
+        nets = out["bridges"].setdefault(iface, {"ipv4": [], "ipv6": []})
+        if net is not None and net.compressed not in nets["ipv%d" % net.version]:
+            nets["ipv%d" % net.version].append(net.compressed)
     return out, [], p.warnings
 
 
@@ -407,6 +454,18 @@ def resolve(settings, host=None, management_ports=()):
     out["families"] = ["ipv4", "ipv6"] if want_v6 else ["ipv4"]
     out["backend"] = host.get("backend") or (settings["capture_backend"] if settings["capture_backend"] != "auto" else "nft")
 
+    if settings["mode"] == "tproxy" and settings["state"] == "present":
+        ours = (settings["tproxy_mark"], settings["tproxy_mask"])
+        for rule in host.get("fwmarks") or []:
+            theirs = None if rule.get("not") else _fwmark(rule)  # "not fwmark" matches other marks
+            if theirs and str(rule.get("table")) != str(settings["tproxy_table"]) and _overlap(ours, theirs):
+                errors.append("sidecar_tproxy_mark/sidecar_tproxy_mask=%s collides with the host's policy routing: "
+                              "ip %s rule \"%s: fwmark %s%s lookup %s\" (another program's mark bits; choose a mark "
+                              "and mask outside them)" % (settings["tproxy_fwmark"] if "tproxy_fwmark" in settings else "",
+                                                          "-6" if rule.get("family") == "ipv6" else "-4",
+                                                          rule.get("priority"), rule.get("fwmark"),
+                                                          "/" + rule["mask"] if rule.get("mask") else "", rule.get("table")))
+
     mgmt = []
     for port in list(management_ports) + list(host.get("ssh_ports") or []):
         try:
@@ -425,6 +484,23 @@ def resolve(settings, host=None, management_ports=()):
     out["inbound_exclude_ports"] = sorted(set(settings["inbound_exclude_ports"]) | set(mgmt))
     out["user_inbound_exclude_ports"] = settings["inbound_exclude_ports"]
     return out, errors
+
+
+def _fwmark(rule):
+    """(mark, mask) of an `ip rule` fwmark selector as capture_facts reports it, or None."""
+    try:
+        mark = int(str(rule.get("fwmark")), 0)
+        mask = int(str(rule.get("mask") or "0xffffffff"), 0)
+    except ValueError:
+        return None
+    return mark, mask
+
+
+def _overlap(a, b):
+    """True when some packet mark matches both (mark, mask) selectors: the masks share bits and the marks
+    agree on them. Disjoint masks (kube-proxy 0x4000, Tailscale 0xff0000 beside 0x539/0xfff) never collide."""
+    common = a[1] & b[1]
+    return bool(common) and (a[0] ^ b[0]) & common == 0
 
 
 def effective(raw, host=None, management_ports=()):

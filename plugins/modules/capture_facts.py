@@ -121,7 +121,7 @@ ansible_facts:
         host:
           ipv6: {enabled: true, global: true}
           ssh_ports: [22, 2222]
-          fwmarks: [{fwmark: "0x539", mask: null, table: "133", priority: 32765}]
+          fwmarks: [{family: ipv4, fwmark: "0x539", mask: "0xfff", not: false, table: "133", priority: 32765}]
           tools: {iptables: true, nft: true}
 """
 
@@ -212,7 +212,8 @@ def _host_facts(module):
         for r in _ip_json(module, [flag, "rule", "show"]):
             if "fwmark" in r:
                 fwmarks.append({"family": "ipv6" if flag == "-6" else "ipv4", "fwmark": r.get("fwmark"),
-                                "mask": r.get("fwmask"), "table": str(r.get("table")), "priority": r.get("priority")})
+                                "mask": r.get("fwmask"), "not": bool(r.get("not")), "table": str(r.get("table")),
+                                "priority": r.get("priority")})
     tools = {"iptables": bool(module.get_bin_path("iptables-save")), "nft": bool(module.get_bin_path("nft"))}
     return {"ipv6": {"enabled": v6_enabled, "global": v6_enabled and v6_global},
             "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools}
@@ -247,11 +248,14 @@ def _deployment(module, config_dir, nft_listing):
     except (OSError, KeyError, RulesError, NftError) as exc:
         drift.append("cannot compare: %s" % exc)
     if conf.get("mode") == "tproxy":
-        table, mark = str(conf["table"]), int(conf["mark"].split("/")[0], 16)
+        table = str(conf["table"])
+        mark, _sep, mask = conf["mark"].partition("/")
+        want = (int(mark, 16), int(mask or "0xffffffff", 16))
         for family in conf.get("families", []):
             flag = "-6" if family == "ipv6" else "-4"
             rules = [r for r in _ip_json(module, [flag, "rule", "show"])
-                     if str(r.get("table")) == table and int(str(r.get("fwmark", "0")), 16) == mark]
+                     if str(r.get("table")) == table and "fwmark" in r
+                     and (int(str(r["fwmark"]), 16), int(str(r.get("fwmask", "0xffffffff")), 16)) == want]
             if not rules:
                 drift.append("%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], table))
             routes = [r for r in _ip_json(module, [flag, "route", "show", "table", table]) if r.get("type") == "local"]

@@ -51,7 +51,11 @@ options:
     type: bool
     default: false
   jump_position:
-    description: Where a missing jump is added in its built-in chain.
+    description:
+      - Where a missing jump is added in its built-in chain.
+      - Jumps in C(nat PREROUTING) are always appended, after the host's own rules there, so that a
+        DNAT rule of a container engine or kube-proxy (a published port) translates a connection
+        before an owned chain could redirect it.
     type: str
     choices: [first, append]
     default: first

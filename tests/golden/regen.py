@@ -40,7 +40,8 @@ def render(overrides: dict, family: str | None, template: str = "rules.j2") -> s
                              trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     # the collection's filters (plugins/filter/capture.py), under the names the templates use
     env.filters.update({"sidecar.intercept.capture_rules": rules.build, "sidecar.intercept.capture_sets": rules.sets,
-                        "sidecar.intercept.nft_addr": rules.nft_addr, "sidecar.intercept.nft_mark": rules.nft_mark})
+                        "sidecar.intercept.nft_addr": rules.nft_addr, "sidecar.intercept.nft_mark": rules.nft_mark,
+                        "sidecar.intercept.nft_connmark": rules.nft_connmark, "sidecar.intercept.nft_iface": rules.nft_iface})
     variables = {"ansible_facts": {"sidecar_settings": resolved(overrides)}, "_sidecar_capture_family": family}
     return env.get_template(template).render(**variables)
 

@@ -36,7 +36,7 @@ def command(name, conf_dir, action):
 
 
 def setup(tmp_path, backend, case, mode):
-    conf = {"backend": backend, "families": ["ipv4", "ipv6"], "mode": mode, "mark": "0x539", "table": 133,
+    conf = {"backend": backend, "families": ["ipv4", "ipv6"], "mode": mode, "mark": "0x539/0xfff", "table": 133,
             "jump_position": "first", "dir": str(tmp_path)}
     (tmp_path / "capture.json").write_text(json.dumps(conf))
     if backend == "nftables":

@@ -65,11 +65,13 @@ def ns():
         sh("ip", "netns", "del", name, check=False)
 
 
-def run_module(name, tmp_path, **args):
+def run_module(name, tmp_path, module=None, **args):
+    """Run a module of the collection (default iptables_chains) in namespace `name`; its result."""
     path = tmp_path / ("args-%s.json" % uuid.uuid4().hex[:6])
     args.setdefault("_ansible_diff", True)
     path.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    out = sh("ip", "netns", "exec", name, sys.executable, "-m", MODULE, str(path), check=False)
+    target = MODULE if module is None else MODULE.rsplit(".", 1)[0] + "." + module
+    out = sh("ip", "netns", "exec", name, sys.executable, "-m", target, str(path), check=False)
     return json.loads(out.stdout)
 
 
@@ -83,7 +85,7 @@ def save_all(name):
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])
-@pytest.mark.parametrize("case", ["redirect-outbound", "tproxy-ports"])
+@pytest.mark.parametrize("case", ["redirect-outbound", "tproxy-ports", "redirect-bridges", "tproxy-bridges"])
 def test_apply_idempotent_drift_remove_leaves_foreign_rules(ns, tmp_path, backend, case):
     name = ns()
     for rule in FOREIGN:
@@ -118,6 +120,7 @@ def test_apply_idempotent_drift_remove_leaves_foreign_rules(ns, tmp_path, backen
 SERVER = textwrap.dedent("""
     import socket, struct, sys
     mode, port, family = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    label = sys.argv[4] if len(sys.argv) > 4 else "proxy"  # which listener answered
     fam = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,10 +138,10 @@ SERVER = textwrap.dedent("""
             else:
                 raw = c.getsockopt(41, 80, 28)
                 dport, = struct.unpack("!H", raw[2:4]); ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-            answer = "proxy %s %d" % (ip, dport)
+            answer = "%s %s %d" % (label, ip, dport)
         elif mode == "tproxy":
             ip, dport = c.getsockname()[:2]
-            answer = "proxy %s %d" % (ip, dport)
+            answer = "%s %s %d" % (label, ip, dport)
         else:
             answer = "direct %d" % port
         c.sendall(answer.encode()); c.close()
@@ -161,7 +164,7 @@ def two_hosts(ns, family):
 
 def tproxy_routes(server, v6):
     flag = "-6" if v6 else "-4"
-    sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "1337", "lookup", "133")
+    sh("ip", "netns", "exec", server, "ip", flag, "rule", "add", "fwmark", "0x539/0xfff", "lookup", "133")
     sh("ip", "netns", "exec", server, "ip", flag, "route", "add", "local", "default", "dev", "lo", "table", "133")
 
 

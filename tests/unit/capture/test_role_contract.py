@@ -16,6 +16,7 @@ DESIGN = {
     "sidecar_outbound_exclude_cidrs": [], "sidecar_outbound_exclude_ports": [],
     "sidecar_proxy_uid": 1337, "sidecar_proxy_gid": 1337, "sidecar_inbound_port": 15006,
     "sidecar_outbound_port": 15001, "sidecar_admin_port": 15000, "sidecar_tproxy_mark": 1337,
+    "sidecar_tproxy_mask": 0xfff,
     "sidecar_tproxy_table": 133, "sidecar_ipv6": "auto",
 }
 

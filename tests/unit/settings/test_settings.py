@@ -8,6 +8,7 @@ import pytest
 
 from ansible_collections.sidecar.intercept.plugins.module_utils.settings import (
     DEFAULTS,
+    _overlap,
     effective,
     resolve,
     validate,
@@ -139,7 +140,7 @@ def test_ipv6_spellings(value, expected):
 @pytest.mark.parametrize("value,number,hexa", [(1337, 1337, "0x539"), ("1337", 1337, "0x539"),
                                                ("0x539", 1337, "0x539"), ("0X4000", 16384, "0x4000")])
 def test_marks_in_the_form_the_kernel_prints(value, number, hexa):
-    s = ok(sidecar_tproxy_mark=value)
+    s = ok(sidecar_tproxy_mark=value, sidecar_tproxy_mask="0xffffffff")
     assert (s["tproxy_mark"], s["tproxy_mark_hex"]) == (number, hexa)
 
 
@@ -207,3 +208,41 @@ def test_inbound_exclude_cidrs_and_outbound_include_ports():
     assert "10.1.2.3/16 has host bits set" in bad(sidecar_inbound_exclude_cidrs=["10.1.2.3/16"])
     assert "IPv6 networks fd00::/8 are set but IPv6 capture is off" in bad(
         sidecar_ipv6=False, sidecar_inbound_exclude_cidrs=["fd00::/8"])
+
+
+@pytest.mark.parametrize('ours, theirs, expected', [
+    ((0x539, 0xFFF), (0x539, 0xFFFFFFFF), True),      # an exact-mark rule for our value
+    ((0x539, 0xFFF), (0x1, 0x1), True),               # shares bit 0 with the same value
+    ((0x539, 0xFFF), (0x2, 0x2), False),              # shares bit 1, our mark has it clear
+    ((0x539, 0xFFF), (0x4000, 0x4000), False),        # kube-proxy: disjoint masks
+    ((0x539, 0xFFF), (0x80000, 0xFF0000), False),     # Tailscale: disjoint masks
+    ((0x539, 0xFFF), (0xCA6C, 0xFFFFFFFF), False),    # WireGuard 51820: overlapping masks, other value
+    ((0x539, 0xFFFFFFFF), (0xC539, 0xFFFFFFFF), False),
+])
+def test_fwmarks_overlap(ours, theirs, expected):
+    assert _overlap(ours, theirs) is expected
+    assert _overlap(theirs, ours) is expected  # symmetric
+
+
+def test_masked_mark_and_bridges():
+    s = ok()
+    assert (s["tproxy_mask"], s["tproxy_mask_hex"], s["tproxy_fwmark"]) == (0xFFF, "0xfff", "0x539/0xfff")
+    assert ok(sidecar_tproxy_mark="0x10000", sidecar_tproxy_mask="0xf0000")["tproxy_fwmark"] == "0x10000/0xf0000"
+    assert "sidecar_tproxy_mark=5433: 0x1539 has bits outside sidecar_tproxy_mask 0xfff" in bad(sidecar_tproxy_mark=0x1539)
+    assert "sidecar_tproxy_mask=0: 0 is out of range" in bad(sidecar_tproxy_mask=0)
+    b = ok(sidecar_capture_bridge_interfaces=["docker0:172.17.0.0/16", "docker0:FD00:17::/64", "br-+"])["bridges"]
+    assert b == {"docker0": {"ipv4": ["172.17.0.0/16"], "ipv6": ["fd00:17::/64"]}, "br-+": {"ipv4": [], "ipv6": []}}
+    assert '"lo" does not start with an interface name' in bad(sidecar_capture_bridge_interfaces=["lo"])
+    assert "docker0:172.17.0.1/16 is not" in bad(sidecar_capture_bridge_interfaces="docker0:172.17.0.1/16") or \
+        "172.17.0.1/16 has host bits set" in bad(sidecar_capture_bridge_interfaces="docker0:172.17.0.1/16")
+
+
+def test_a_mark_that_collides_with_the_hosts_policy_routing_fails_before_the_change():
+    host = dict(HOST_V4, fwmarks=[{"family": "ipv4", "fwmark": "0x1", "mask": "0x1", "table": "200", "priority": 100},
+                                  {"family": "ipv4", "fwmark": "0x4000", "mask": "0x4000", "table": "main", "priority": 90},
+                                  {"family": "ipv4", "fwmark": "0x539", "mask": "0xfff", "table": "133", "priority": 32765}])
+    r, errors, _w = effective({"sidecar_mode": "tproxy"}, host)
+    assert r is None and len(errors) == 1, errors
+    assert 'collides with the host\'s policy routing: ip -4 rule "100: fwmark 0x1/0x1 lookup 200"' in errors[0]
+    assert effective({"sidecar_mode": "redirect"}, host)[0] is not None       # no mark in redirect mode
+    assert effective({"sidecar_mode": "tproxy", "sidecar_state": "absent"}, host)[0] is not None
