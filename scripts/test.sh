@@ -120,10 +120,11 @@ if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["plat
   [ -n "$spec" ] || return 0
   read -r name v4 v6 hosts <<<"$spec"
   # what an interrupted run left (these scenarios' sequence has no destroy first): containers,
-  # Molecule's state and the network
+  # Molecule's state and the network. Not `molecule reset`: the podman driver's reset removes every
+  # container labelled owner=molecule on the machine, which kills other scenarios running beside it.
   # shellcheck disable=SC2086  # a word list by design
   podman rm -f -t 1 $hosts >/dev/null 2>&1 || true
-  molecule reset -s "$1" >/dev/null 2>&1 || true
+  molecule destroy -s "$1" >/dev/null 2>&1 || true
   podman network exists "$name" && podman network rm -f "$name" >/dev/null
   podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
 }
