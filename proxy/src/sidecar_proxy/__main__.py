@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build(args.check_config, {})
         except ConfigError as exc:
-            print(f"sidecar-proxy: {args.check_config}: {exc}", file=sys.stderr)
+            msg = str(exc)  # file-level problems already start with the path
+            where = "" if msg.startswith(args.check_config) else f"{args.check_config}: "
+            print(f"sidecar-proxy: {where}{msg}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # noqa: BLE001 - a check must answer in one line, never a traceback
+            print(f"sidecar-proxy: {args.check_config}: cannot check: {type(exc).__name__}: {exc}"[:500],
+                  file=sys.stderr)
             return 1
         print(f"{args.check_config}: configuration is valid")
         return 0

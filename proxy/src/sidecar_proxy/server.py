@@ -10,6 +10,7 @@ go back as soon as a flow is idle, so an idle connection holds no pipe and no bu
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import errno
@@ -52,62 +53,108 @@ PIPE_SIZE = int(os.environ.get("SIDECAR_PROXY_PIPE_SIZE", str(1 << 20)))
 COPY_BUF = int(os.environ.get("SIDECAR_PROXY_COPY_BUF", str(256 << 10)))
 POOL_KEEP = 64
 BUF_KEEP = 16
+SMALL_BUF = min(16 << 10, COPY_BUF)  # what a flow gets once half the buffer budget is held
+SMALL_KEEP = 256
 LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
 
 CONNECTING, OPEN, CLOSED = 0, 1, 2
 
 
 class PipePool:
-    """Non-blocking pipes for splice, reused; only pipes that are empty come back."""
+    """Non-blocking pipes for splice, reused; only pipes that are empty come back.
 
-    def __init__(self, size: int, keep: int) -> None:
+    `used` is the capacity of the pipes flows hold now; get() hands out none that would take it past
+    `budget` (the flow then waits for one to come back)."""
+
+    def __init__(self, size: int, keep: int, budget: int) -> None:
         self.size = size
         self.keep = keep
+        self.budget = budget
+        self.used = 0
         self.free: list[tuple[int, int, int]] = []
         self.created = 0
 
-    def get(self) -> tuple[int, int, int]:
+    def room(self) -> bool:
+        return self.used + self.size <= self.budget
+
+    def get(self) -> tuple[int, int, int] | None:
+        if self.used + self.size > self.budget:
+            return None
         if self.free:
-            return self.free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # unprivileged users may be over pipe-user-pages-soft
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
-        cap = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-        self.created += 1
-        return r, w, cap
+            pipe = self.free.pop()
+        else:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # unprivileged users may be over pipe-user-pages-soft
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+            pipe = (r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ))
+            self.created += 1
+        self.used += self.size
+        return pipe
 
     def put(self, pipe: tuple[int, int, int]) -> None:
+        self.used -= self.size
         if len(self.free) < self.keep:
             self.free.append(pipe)
         else:
-            self.discard(pipe)
+            os.close(pipe[0])
+            os.close(pipe[1])
 
-    @staticmethod
-    def discard(pipe: tuple[int, int, int]) -> None:
+    def discard(self, pipe: tuple[int, int, int]) -> None:
+        """A pipe that still holds bytes: closed, not reused."""
+        self.used -= self.size
         os.close(pipe[0])
         os.close(pipe[1])
 
 
 class BufferPool:
-    """Copy buffers for the no-splice fallback, reused like pipes."""
+    """Copy buffers, reused like pipes, within a global budget of bytes held by flows.
 
-    def __init__(self, keep: int) -> None:
+    While less than half the budget is held a flow gets a full COPY_BUF buffer; above that it gets a
+    SMALL_BUF one (slower, but a blocked reader then pins 16 KiB, not 256 KiB); when not even that fits
+    get() returns None and the flow waits (reads nothing) until buffers come back. Pooled free
+    buffers are outside the budget (at most `keep` of each size)."""
+
+    def __init__(self, keep: int, budget: int) -> None:
         self.keep = keep
         self.free: list[bytearray] = []
+        self.small_free: list[bytearray] = []
+        self.used = 0
+        self.set_budget(budget)
 
-    def get(self) -> bytearray:
-        return self.free.pop() if self.free else bytearray(COPY_BUF)
+    def set_budget(self, budget: int) -> None:
+        self.budget = budget
+        self.big_below = budget // 2 - COPY_BUF  # a big buffer only while this leaves half the budget
+        self.small_below = budget - SMALL_BUF
+
+    def room(self) -> bool:
+        return self.used <= self.small_below
+
+    def get(self) -> bytearray | None:
+        used = self.used
+        if used <= self.big_below:
+            buf = self.free.pop() if self.free else bytearray(COPY_BUF)
+        elif used <= self.small_below:
+            buf = self.small_free.pop() if self.small_free else bytearray(SMALL_BUF)
+        else:
+            return None
+        self.used = used + len(buf)
+        return buf
 
     def put(self, buf: bytearray) -> None:
-        if len(self.free) < self.keep:
-            self.free.append(buf)
+        n = len(buf)
+        self.used -= n
+        if n == COPY_BUF:
+            if len(self.free) < self.keep:
+                self.free.append(buf)
+        elif len(self.small_free) < SMALL_KEEP:
+            self.small_free.append(buf)
 
 
 class Flow:
     """One direction of a connection: src socket -> (pipe | buffer) -> dst socket."""
 
     __slots__ = ("conn", "src", "dst", "pipe", "buf", "start", "pending", "eof", "done", "nbytes", "key",
-                 "upstream_side", "wblocked", "shut_seen")
+                 "upstream_side", "wblocked", "shut_seen", "waiting")
 
     def __init__(self, conn: Conn, src: int, dst: int, key: tuple[str, str], upstream_side: bool) -> None:
         self.conn = conn
@@ -124,6 +171,7 @@ class Flow:
         self.upstream_side = upstream_side  # True: src is the upstream socket
         self.wblocked = False  # buffer full and dst returned EAGAIN: only EPOLLOUT on dst helps
         self.shut_seen = False  # an event reported FIN/HUP/ERR on src: always read until EAGAIN/EOF
+        self.waiting = False  # in Server.waiters: no buffer/pipe left in the budget, src not read
 
 
 class Conn:
@@ -200,8 +248,9 @@ class Server:
         self.admin_paused = False
         self.admin_sock: socket.socket | None = None
         self.admin_conns: dict[int, AdminConn] = {}
-        self.pipes = PipePool(PIPE_SIZE, POOL_KEEP)
-        self.buffers = BufferPool(BUF_KEEP)
+        self.pipes = PipePool(PIPE_SIZE, POOL_KEEP, cfg.buffer_budget)
+        self.buffers = BufferPool(BUF_KEEP, cfg.buffer_budget)
+        self.waiters: collections.deque[Flow] = collections.deque()  # flows waiting for the budget
         self.local = netutil.LocalAddresses()
         self.ready = False
         self.draining = False
@@ -275,6 +324,8 @@ class Server:
             self.access.close()  # its thread writes what is queued, then closes a file (not stdout)
         self.access = access
         self.cfg = cfg
+        self.buffers.set_budget(cfg.buffer_budget)
+        self.pipes.budget = cfg.buffer_budget
         self.own_ports = {cfg.inbound_port, cfg.outbound_port, cfg.admin_port}
         self.local.clear()
         v4, v6 = cfg.passthrough_source_v4, cfg.passthrough_source_v6
@@ -315,11 +366,18 @@ class Server:
             cfg = build(self.config_path, self.overrides)
             self.apply(cfg, initial=False)
         except (ConfigError, OSError) as exc:
-            self.metrics.reload_failures += 1
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.reload_failed(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - no file may stop the proxy: keep running, say why
+            self.reload_failed(f"{type(exc).__name__}: {exc}"[:500])
             return
         self.metrics.reloads += 1
         log.info("configuration reloaded (%d active connections kept)", self.active)
+
+    def reload_failed(self, why: str) -> None:
+        self.metrics.reload_failures += 1
+        self.metrics.reload_last_error = why
+        log.error("reload failed, keeping the running configuration: %s", why)
 
     # ------------------------------------------------------------------ accept
     def make_acceptor(self, lst: Listener) -> Callable[[int], None]:
@@ -482,6 +540,9 @@ class Server:
                     return
                 if pipe is None:
                     pipe = f.pipe = self.pipes.get()
+                    if pipe is None:
+                        self.wait_budget(f)
+                        return
                 room = pipe[2] - f.pending
                 if room <= 0:
                     f.wblocked = True
@@ -540,6 +601,9 @@ class Server:
                     return
                 if f.buf is None:
                     f.buf = self.buffers.get()
+                    if f.buf is None:
+                        self.wait_budget(f)
+                        return
                 try:
                     n = os.readv(f.src, [f.buf])
                 except BlockingIOError:
@@ -559,6 +623,25 @@ class Server:
             if moved:
                 self.metrics.bytes_total[f.key] += moved
                 conn.last = self.now
+
+    def wait_budget(self, f: Flow) -> None:
+        """The buffer budget is spent: f reads nothing until buffers come back (wake_waiters)."""
+        if not f.waiting:
+            f.waiting = True
+            self.waiters.append(f)
+            self.metrics.buffer_waits += 1
+
+    def wake_waiters(self) -> None:
+        """Pump waiting flows, oldest first, while the budget has room."""
+        waiters = self.waiters
+        pool: BufferPool | PipePool = self.pipes if HAVE_SPLICE else self.buffers
+        for _ in range(len(waiters)):
+            if not pool.room():
+                return
+            f = waiters.popleft()
+            f.waiting = False
+            if f.conn.state == OPEN and not f.done:
+                self.pump(f)
 
     def half_close(self, f: Flow) -> None:
         """src sent FIN and everything reached dst: pass the FIN on."""
@@ -676,6 +759,13 @@ class Server:
         for fd, ac in list(self.admin_conns.items()):
             if now >= ac.deadline:
                 self.admin_close(fd)
+        waiters = self.waiters
+        if waiters and not (self.pipes if HAVE_SPLICE else self.buffers).room():
+            # nothing was woken, so closed connections still sit in the queue: drop them
+            live = [f for f in waiters if f.conn.state == OPEN and not f.done]
+            if len(live) != len(waiters):
+                waiters.clear()
+                waiters.extend(live)
 
     # ------------------------------------------------------------------ admin HTTP
     def admin_accept(self, _events: int) -> None:
@@ -692,6 +782,11 @@ class Server:
                     with contextlib.suppress(OSError, ValueError):
                         self.ep.modify(self.admin_sock.fileno(), 0)
                 return
+            if len(self.admin_conns) >= self.cfg.admin_max_connections:
+                # admin clients share the fd limit with the data path: the excess is reset at once
+                self.metrics.admin_rejected += 1
+                self.reset_close(sock)
+                continue
             sock.setblocking(False)
             fd = sock.fileno()
             self.admin_conns[fd] = AdminConn(sock, self.now + 5.0)
@@ -752,6 +847,9 @@ class Server:
             why = b"draining\n" if self.draining else b"not ready\n"
             return "503 Service Unavailable", "text/plain", why
         if path == "/metrics":
+            self.metrics.buffered_bytes = self.pipes.used if HAVE_SPLICE else self.buffers.used
+            self.metrics.buffer_budget = self.cfg.buffer_budget
+            self.metrics.buffer_waiting = len(self.waiters)
             text = self.metrics.prometheus(self.ready, self.draining)
             return "200 OK", "text/plain; version=0.0.4", text.encode()
         if path == "/stats":
@@ -764,6 +862,11 @@ class Server:
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "forwarding": "splice" if HAVE_SPLICE else "copy",
                 "pipes": {"created": self.pipes.created, "pooled": len(self.pipes.free)},
+                "buffers": {"budget": self.cfg.buffer_budget,
+                            "used": self.pipes.used if HAVE_SPLICE else self.buffers.used,
+                            "waiting_flows": len(self.waiters), "waits": self.metrics.buffer_waits},
+                "admin": {"max_connections": self.cfg.admin_max_connections,
+                          "open": len(self.admin_conns), "rejected": self.metrics.admin_rejected},
                 "listeners": [{"direction": lst.direction, "port": lst.port,
                                "family": "ipv6" if lst.family == socket.AF_INET6 else "ipv4",
                                "tproxy": lst.tproxy} for lst in self.listeners.values()],
@@ -815,6 +918,7 @@ class Server:
         poll = self.ep.poll
         next_sweep = time.monotonic() + 0.25
         on_sock_event = self.on_sock_event
+        waiters = self.waiters
         while True:
             events = poll(0.25 if not self.draining else 0.05, 1024)
             self.now = now = time.monotonic()
@@ -826,6 +930,8 @@ class Server:
                     h = handlers.get(fd)
                     if h is not None:
                         h(ev)
+            if waiters:
+                self.wake_waiters()
             if self.log_lines:
                 self.flush_access_log()
             if self.signals:
