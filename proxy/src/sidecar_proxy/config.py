@@ -6,7 +6,9 @@ import dataclasses
 import ipaddress
 import json
 import math
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_PATH = "/etc/sidecar-proxy/config.json"
@@ -38,9 +40,22 @@ class Config:
     buffer_budget: int = 32 << 20
     access_log: str = "-"
     log_level: str = "info"
+    # tuning knobs outside the contract: environment variables, not file keys (ENV below)
+    forward: str = "copy"
+    copy_buf: int = 256 << 10
+    pipe_size: int = 1 << 20
+    access_log_queue: int = 8 << 20
 
 
-KEYS = tuple(f.name for f in dataclasses.fields(Config))
+# field -> environment variable that sets it (instead of the file)
+ENV = {
+    "forward": "SIDECAR_PROXY_FORWARD",
+    "copy_buf": "SIDECAR_PROXY_COPY_BUF",
+    "pipe_size": "SIDECAR_PROXY_PIPE_SIZE",
+    "access_log_queue": "SIDECAR_PROXY_ACCESS_LOG_QUEUE",
+}
+KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ENV)
+FORWARDS = ("copy", "splice")
 
 
 MIN_BUFFER_BUDGET = 1 << 20
@@ -99,8 +114,34 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def validate(data: Any) -> Config:
-    """Turn a mapping (parsed JSON) into a Config, or raise ConfigError naming the bad key/value."""
+def tunables(env: Mapping[str, str]) -> dict[str, Any]:
+    """The ENV fields set in `env`, validated; a bad one raises ConfigError naming the variable."""
+    out: dict[str, Any] = {}
+    for field, var in ENV.items():
+        if var not in env:
+            continue
+        text = env[var]
+        if field == "forward":
+            if text not in FORWARDS:
+                why = "must be one of " + ", ".join(FORWARDS)
+                raise ConfigError(f"invalid environment {var}={_show(text)} ({why})")
+            out[field] = text
+            continue
+        low = 4096 if field != "access_log_queue" else 0
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= 1 << 30:
+            why = f"must be a number of bytes {low}-{1 << 30}"
+            raise ConfigError(f"invalid environment {var}={_show(text)} ({why})")
+        out[field] = value
+    return out
+
+
+def validate(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Turn a mapping (parsed JSON) into a Config, or raise ConfigError naming the bad key/value.
+    With `env`, the tuning fields (ENV) are read from it; without, they keep their defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"configuration must be a JSON object, not {type(data).__name__}")
     for key in data:
@@ -139,6 +180,8 @@ def validate(data: Any) -> Config:
             out[key] = value
         elif key == "log_level":
             out[key] = _choice(key, value.lower() if isinstance(value, str) else value, LOG_LEVELS)
+    if env is not None:
+        out.update(tunables(env))
     cfg = Config(**out)
     if not cfg.admin_allow_remote and not ipaddress.ip_address(cfg.admin_address).is_loopback:
         raise _bad("admin_address", cfg.admin_address,
@@ -185,8 +228,18 @@ def load_file(path: str) -> dict[str, Any]:
     return data
 
 
-def build(path: str | None, overrides: dict[str, Any]) -> Config:
-    """Config from an optional file plus overrides (CLI flags win)."""
+def build(path: str | None, overrides: dict[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Config from an optional file plus overrides (CLI flags win) plus the environment's tunables
+    (`env`, default os.environ)."""
     data: dict[str, Any] = load_file(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(data)
+    return validate(data, os.environ if env is None else env)
+
+
+def describe(cfg: Config) -> str:
+    """The effective configuration, one `key = value` line each, tunables with their variable."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = json.dumps(getattr(cfg, f.name))
+        lines.append(f"  {f.name} = {value}" + (f"  (environment {ENV[f.name]})" if f.name in ENV else ""))
+    return "\n".join(lines)

@@ -45,15 +45,12 @@ WRITE_EVENTS = EPOLLOUT | EPOLLHUP | EPOLLERR
 SHUT_EVENTS = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
 # Forwarding technique, measured (proxy/README.md): recv_into/send through a pooled 256 KiB buffer beat
-# splice through a pipe on the benchmark VM, so copying is the default; splice stays selectable.
-FORWARD = os.environ.get("SIDECAR_PROXY_FORWARD", "copy")
-HAVE_SPLICE = FORWARD == "splice" and hasattr(os, "splice")
+# splice through a pipe on the benchmark VM, so copying is the default; splice stays selectable
+# (Config.forward, SIDECAR_PROXY_FORWARD; buffer and pipe sizes are Config.copy_buf / pipe_size).
 SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if hasattr(os, "splice") else 0
-PIPE_SIZE = int(os.environ.get("SIDECAR_PROXY_PIPE_SIZE", str(1 << 20)))
-COPY_BUF = int(os.environ.get("SIDECAR_PROXY_COPY_BUF", str(256 << 10)))
 POOL_KEEP = 64
 BUF_KEEP = 16
-SMALL_BUF = min(16 << 10, COPY_BUF)  # what a flow gets once half the buffer budget is held
+SMALL_BUF = 16 << 10  # what a flow gets once half the buffer budget is held (at most the copy size)
 SMALL_KEEP = 256
 LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
 
@@ -109,12 +106,14 @@ class PipePool:
 class BufferPool:
     """Copy buffers, reused like pipes, within a global budget of bytes held by flows.
 
-    While less than half the budget is held a flow gets a full COPY_BUF buffer; above that it gets a
-    SMALL_BUF one (slower, but a blocked reader then pins 16 KiB, not 256 KiB); when not even that fits
+    While less than half the budget is held a flow gets a full `size` buffer; above that it gets a
+    `small` one (slower, but a blocked reader then pins 16 KiB, not 256 KiB); when not even that fits
     get() returns None and the flow waits (reads nothing) until buffers come back. Pooled free
     buffers are outside the budget (at most `keep` of each size)."""
 
-    def __init__(self, keep: int, budget: int) -> None:
+    def __init__(self, size: int, keep: int, budget: int) -> None:
+        self.size = size
+        self.small = min(SMALL_BUF, size)
         self.keep = keep
         self.free: list[bytearray] = []
         self.small_free: list[bytearray] = []
@@ -123,8 +122,8 @@ class BufferPool:
 
     def set_budget(self, budget: int) -> None:
         self.budget = budget
-        self.big_below = budget // 2 - COPY_BUF  # a big buffer only while this leaves half the budget
-        self.small_below = budget - SMALL_BUF
+        self.big_below = budget // 2 - self.size  # a big buffer only while this leaves half the budget
+        self.small_below = budget - self.small
 
     def room(self) -> bool:
         return self.used <= self.small_below
@@ -132,9 +131,9 @@ class BufferPool:
     def get(self) -> bytearray | None:
         used = self.used
         if used <= self.big_below:
-            buf = self.free.pop() if self.free else bytearray(COPY_BUF)
+            buf = self.free.pop() if self.free else bytearray(self.size)
         elif used <= self.small_below:
-            buf = self.small_free.pop() if self.small_free else bytearray(SMALL_BUF)
+            buf = self.small_free.pop() if self.small_free else bytearray(self.small)
         else:
             return None
         self.used = used + len(buf)
@@ -143,7 +142,7 @@ class BufferPool:
     def put(self, buf: bytearray) -> None:
         n = len(buf)
         self.used -= n
-        if n == COPY_BUF:
+        if n == self.size:
             if len(self.free) < self.keep:
                 self.free.append(buf)
         elif len(self.small_free) < SMALL_KEEP:
@@ -248,8 +247,11 @@ class Server:
         self.admin_paused = False
         self.admin_sock: socket.socket | None = None
         self.admin_conns: dict[int, AdminConn] = {}
-        self.pipes = PipePool(PIPE_SIZE, POOL_KEEP, cfg.buffer_budget)
-        self.buffers = BufferPool(BUF_KEEP, cfg.buffer_budget)
+        # the forwarding technique and sizes are fixed for the process (environment, not reloaded)
+        self.splice = cfg.forward == "splice" and hasattr(os, "splice")
+        self.pump_impl = self.pump_splice if self.splice else self.pump_copy
+        self.pipes = PipePool(cfg.pipe_size, POOL_KEEP, cfg.buffer_budget)
+        self.buffers = BufferPool(cfg.copy_buf, BUF_KEEP, cfg.buffer_budget)
         self.waiters: collections.deque[Flow] = collections.deque()  # flows waiting for the budget
         self.local = netutil.LocalAddresses()
         self.ready = False
@@ -293,7 +295,7 @@ class Server:
             # stdout stays one sink (two writer threads could interleave partial writes); a file is
             # reopened on every reload, which is what log rotation needs
             keep = self.access is not None and cfg.access_log == "-" and self.access.path == "-"
-            access = self.access if keep else self.open_access_log(cfg.access_log)
+            access = self.access if keep else self.open_access_log(cfg.access_log, cfg.access_log_queue)
         except OSError:
             for lst in new.values():
                 lst.sock.close()
@@ -348,8 +350,8 @@ class Server:
         self.handlers[lst.fd] = self.make_acceptor(lst)
 
     @staticmethod
-    def open_access_log(path: str) -> AccessLog | None:
-        return AccessLog(path) if path else None
+    def open_access_log(path: str, limit: int) -> AccessLog | None:
+        return AccessLog(path, limit) if path else None
 
     def close_listener(self, lst: Listener) -> None:
         self.handlers.pop(lst.fd, None)
@@ -509,10 +511,7 @@ class Server:
         if f.done:
             return
         f.wblocked = False
-        if HAVE_SPLICE:
-            self.pump_splice(f)
-        else:
-            self.pump_copy(f)
+        self.pump_impl(f)
 
     def pump_splice(self, f: Flow) -> None:
         conn = f.conn
@@ -634,8 +633,8 @@ class Server:
     def wake_waiters(self) -> None:
         """Pump waiting flows, oldest first, while the budget has room."""
         waiters = self.waiters
-        pool: BufferPool | PipePool = self.pipes if HAVE_SPLICE else self.buffers
-        for _ in range(len(waiters)):
+        pool: BufferPool | PipePool = self.pipes if self.splice else self.buffers
+        for _turn in range(len(waiters)):
             if not pool.room():
                 return
             f = waiters.popleft()
@@ -760,7 +759,7 @@ class Server:
             if now >= ac.deadline:
                 self.admin_close(fd)
         waiters = self.waiters
-        if waiters and not (self.pipes if HAVE_SPLICE else self.buffers).room():
+        if waiters and not (self.pipes if self.splice else self.buffers).room():
             # nothing was woken, so closed connections still sit in the queue: drop them
             live = [f for f in waiters if f.conn.state == OPEN and not f.done]
             if len(live) != len(waiters):
@@ -847,7 +846,7 @@ class Server:
             why = b"draining\n" if self.draining else b"not ready\n"
             return "503 Service Unavailable", "text/plain", why
         if path == "/metrics":
-            self.metrics.buffered_bytes = self.pipes.used if HAVE_SPLICE else self.buffers.used
+            self.metrics.buffered_bytes = self.pipes.used if self.splice else self.buffers.used
             self.metrics.buffer_budget = self.cfg.buffer_budget
             self.metrics.buffer_waiting = len(self.waiters)
             text = self.metrics.prometheus(self.ready, self.draining)
@@ -860,10 +859,10 @@ class Server:
                 "ready": self.ready and not self.draining,
                 "draining": self.draining,
                 "uptime_seconds": round(time.time() - self.started, 3),
-                "forwarding": "splice" if HAVE_SPLICE else "copy",
+                "forwarding": "splice" if self.splice else "copy",
                 "pipes": {"created": self.pipes.created, "pooled": len(self.pipes.free)},
                 "buffers": {"budget": self.cfg.buffer_budget,
-                            "used": self.pipes.used if HAVE_SPLICE else self.buffers.used,
+                            "used": self.pipes.used if self.splice else self.buffers.used,
                             "waiting_flows": len(self.waiters), "waits": self.metrics.buffer_waits},
                 "admin": {"max_connections": self.cfg.admin_max_connections,
                           "open": len(self.admin_conns), "rejected": self.metrics.admin_rejected},
@@ -910,7 +909,7 @@ class Server:
         self.ready = True
         log.info("sidecar-proxy %s ready: mode=%s inbound=%d outbound=%d admin=%s:%d forwarding=%s",
                  __version__, self.cfg.mode, self.cfg.inbound_port, self.cfg.outbound_port,
-                 self.cfg.admin_address, self.cfg.admin_port, "splice" if HAVE_SPLICE else "copy")
+                 self.cfg.admin_address, self.cfg.admin_port, "splice" if self.splice else "copy")
         self.flush_access_log()
         sys.stderr.flush()
         conns = self.conns
