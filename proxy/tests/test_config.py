@@ -113,3 +113,34 @@ def test_metric_names() -> None:
                    'sidecar_proxy_upstream_connect_seconds_bucket{le="+Inf"} 1',
                    "sidecar_proxy_upstream_connect_seconds_count 1"]:
         assert needle in text
+
+
+def test_tunables_come_from_the_environment_and_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    cfg = build(str(path), {}, env={"SIDECAR_PROXY_FORWARD": "splice", "SIDECAR_PROXY_COPY_BUF": "65536"})
+    assert (cfg.forward, cfg.copy_buf, cfg.pipe_size) == ("splice", 65536, 1 << 20)
+    assert build(str(path), {}, env={}) == Config()
+    for var, value in (("SIDECAR_PROXY_COPY_BUF", "abc"), ("SIDECAR_PROXY_PIPE_SIZE", "12"),
+                       ("SIDECAR_PROXY_FORWARD", "zerocopy"), ("SIDECAR_PROXY_ACCESS_LOG_QUEUE", "-1")):
+        with pytest.raises(ConfigError) as exc:
+            build(str(path), {}, env={var: value})
+        assert var in str(exc.value) and value in str(exc.value)
+    with pytest.raises(ConfigError, match="unknown key 'copy_buf'"):  # not a file key
+        validate({"copy_buf": 4096})
+
+
+def test_check_config_shows_effective_settings_and_tunables(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"idle_timeout": 42}')
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "SIDECAR_PROXY_COPY_BUF": "131072"}
+    res = subprocess.run([sys.executable, "-m", "sidecar_proxy", "--check-config", str(path)],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "  idle_timeout = 42.0\n" in res.stdout
+    assert "  copy_buf = 131072  (environment SIDECAR_PROXY_COPY_BUF)\n" in res.stdout
+    assert '  forward = "copy"  (environment SIDECAR_PROXY_FORWARD)' in res.stdout
+    env["SIDECAR_PROXY_COPY_BUF"] = "1k"
+    res = subprocess.run([sys.executable, "-m", "sidecar_proxy", "--check-config", str(path)],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 1 and "SIDECAR_PROXY_COPY_BUF" in res.stderr and "Traceback" not in res.stderr

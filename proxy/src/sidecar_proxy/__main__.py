@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .config import DEFAULT_PATH, ConfigError, build
+from .config import DEFAULT_PATH, ConfigError, build, describe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.check_config is not None:
         try:
-            build(args.check_config, {})
+            checked = build(args.check_config, {})
         except ConfigError as exc:
-            print(f"sidecar-proxy: {args.check_config}: {exc}", file=sys.stderr)
+            msg = str(exc)  # file-level problems already start with the path
+            where = "" if msg.startswith(args.check_config) else f"{args.check_config}: "
+            print(f"sidecar-proxy: {where}{msg}", file=sys.stderr)
             return 1
-        print(f"{args.check_config}: configuration is valid")
+        except Exception as exc:  # noqa: BLE001 - a check must answer in one line, never a traceback
+            print(f"sidecar-proxy: {args.check_config}: cannot check: {type(exc).__name__}: {exc}"[:500],
+                  file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: configuration is valid; effective settings:\n{describe(checked)}")
         return 0
     overrides = {
         "mode": args.mode,

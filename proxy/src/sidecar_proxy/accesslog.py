@@ -17,8 +17,9 @@ from collections import deque
 
 log = logging.getLogger("sidecar_proxy")
 
-# bytes waiting for the writer before new lines are dropped (about 40,000 lines)
-QUEUE_LIMIT = int(os.environ.get("SIDECAR_PROXY_ACCESS_LOG_QUEUE", str(8 << 20)))
+# bytes waiting for the writer before new lines are dropped (about 40,000 lines); the proxy passes
+# Config.access_log_queue (SIDECAR_PROXY_ACCESS_LOG_QUEUE)
+QUEUE_LIMIT = 8 << 20
 
 
 class AccessLog:

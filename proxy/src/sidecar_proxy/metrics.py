@@ -37,6 +37,13 @@ class Metrics:
         self.reloads = 0
         self.reload_failures = 0
         self.access_log_dropped = 0
+        self.reload_last_error: str | None = None
+        self.admin_rejected = 0
+        self.buffer_waits = 0
+        # gauges the server sets before rendering
+        self.buffered_bytes = 0
+        self.buffer_budget = 0
+        self.buffer_waiting = 0
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -97,6 +104,22 @@ class Metrics:
             "could not keep up.",
             "# TYPE sidecar_proxy_access_log_dropped_total counter",
             f"sidecar_proxy_access_log_dropped_total {self.access_log_dropped}",
+            "# HELP sidecar_proxy_admin_rejected_total Admin connections reset because "
+            "admin_max_connections were open.",
+            "# TYPE sidecar_proxy_admin_rejected_total counter",
+            f"sidecar_proxy_admin_rejected_total {self.admin_rejected}",
+            "# HELP sidecar_proxy_buffer_bytes Bytes of copy buffers (or pipe capacity) flows hold now.",
+            "# TYPE sidecar_proxy_buffer_bytes gauge",
+            f"sidecar_proxy_buffer_bytes {self.buffered_bytes}",
+            "# HELP sidecar_proxy_buffer_budget_bytes The buffer_budget setting.",
+            "# TYPE sidecar_proxy_buffer_budget_bytes gauge",
+            f"sidecar_proxy_buffer_budget_bytes {self.buffer_budget}",
+            "# HELP sidecar_proxy_buffer_waiting_flows Flows not reading because the budget is spent.",
+            "# TYPE sidecar_proxy_buffer_waiting_flows gauge",
+            f"sidecar_proxy_buffer_waiting_flows {self.buffer_waiting}",
+            "# HELP sidecar_proxy_buffer_waits_total Times a flow had to wait for the buffer budget.",
+            "# TYPE sidecar_proxy_buffer_waits_total counter",
+            f"sidecar_proxy_buffer_waits_total {self.buffer_waits}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -111,6 +134,7 @@ class Metrics:
                 "sum_seconds": round(self.connect_sum, 6),
                 "buckets": {str(le): n for le, n in zip(BUCKETS, self.connect_buckets, strict=True)},
             },
-            "reloads": {"ok": self.reloads, "failed": self.reload_failures},
+            "reloads": {"ok": self.reloads, "failed": self.reload_failures,
+                        "last_error": self.reload_last_error},
             "access_log_dropped": self.access_log_dropped,
         }
