@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
 # Usage: scripts/lab-image.sh [bookworm|trixie ...]   (default: bookworm)
-# The image localhost/sidecar-lab:<suite> carries the hash of its recipe as the label sidecar.recipe;
-# it is rebuilt only when missing or when the recipe changed.
+# The image $SIDECAR_LAB_IMAGE:<suite> (default localhost/sidecar-lab:<suite>) carries the hash of its
+# recipe as the label sidecar.recipe; it is rebuilt only when missing or when the recipe changed.
+# Another SIDECAR_LAB_IMAGE (e.g. localhost/sidecar-lab-mine) builds and tests a changed recipe without
+# replacing the images other runs use; the Molecule scenarios and the lab read the same variable.
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "$0")/env.sh"
@@ -13,9 +15,10 @@ setup_podman
 PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iptables,iproute2,sudo,procps,kmod,ca-certificates"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
+IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
 
 build() {
-  local suite="$1" image="localhost/sidecar-lab:$1" recipe have rootfs
+  local suite="$1" image="$IMAGE_NAME:$1" recipe have rootfs
   recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$PACKAGES" "$MIRROR" | sha256sum | cut -c1-16)"
   have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
   if [ "$have" = "$recipe" ]; then
