@@ -12,7 +12,8 @@ ensure_apt podman runc debootstrap
 setup_podman
 
 # What goes into a lab host: systemd as init, Python for Ansible, and the network tools the roles use.
-PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iptables,iproute2,sudo,procps,kmod,ca-certificates"
+# No python3-venv: the proxy runs from a zipapp with the host's python3, so hosts need no venv or pip.
+PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
 IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
