@@ -7,6 +7,7 @@ both builds must give the same bytes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -163,3 +164,14 @@ def test_role_minimum_python_matches_the_package() -> None:
     assert wanted, "proxy/pyproject.toml has no requires-python = \">=X.Y\""
     role_vars = yaml.safe_load((ROOT / "roles" / "proxy" / "vars" / "main.yml").read_text())
     assert role_vars["_sidecar_proxy_min_python"] == [int(wanted.group(1)), int(wanted.group(2))]
+
+
+def test_the_python_3_10_fallback_reads_the_scripts_table_like_tomllib(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("build_zipapp", SCRIPT)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (SOURCE / "pyproject.toml").read_text()
+    with_tomllib = mod.scripts_table(text)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ImportError, as on 3.10
+    assert mod.scripts_table(text) == with_tomllib == {"sidecar-proxy": "sidecar_proxy.__main__:main"}
