@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
 # Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft ...]   (default: bookworm)
-# The image localhost/sidecar-lab:<suite> carries the hash of its recipe as the label sidecar.recipe;
-# it is rebuilt only when missing or when the recipe changed.
+# The image $SIDECAR_LAB_IMAGE:<name> (default localhost/sidecar-lab:<name>) carries the hash of its
+# recipe as the label sidecar.recipe; it is rebuilt only when missing or when the recipe changed.
+# Another SIDECAR_LAB_IMAGE (e.g. localhost/sidecar-lab-mine) builds and tests a changed recipe without
+# replacing the images other runs use; the Molecule scenarios and the lab read the same variable.
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "$0")/env.sh"
@@ -10,14 +12,16 @@ ensure_apt podman runc debootstrap
 setup_podman
 
 # What goes into a lab host: systemd as init, Python for Ansible, and the network tools the roles use.
+# No python3-venv: the proxy runs from a zipapp with the host's python3, so hosts need no venv or pip.
 # The image "trixie-nft" is a native-nftables host: Debian 13 with nftables and without the iptables package.
-PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iptables,iproute2,sudo,procps,kmod,ca-certificates"
+PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates"
 NFT_PACKAGES="${PACKAGES/iptables/nftables}"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
+IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
 
-build() {  # build TAG SUITE PACKAGES
-  local suite="$2" image="localhost/sidecar-lab:$1" packages="$3" recipe have rootfs
+build() {  # build NAME SUITE PACKAGES
+  local suite="$2" image="$IMAGE_NAME:$1" packages="$3" recipe have rootfs
   recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" | sha256sum | cut -c1-16)"
   have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
   if [ "$have" = "$recipe" ]; then

@@ -18,7 +18,7 @@ SUITE="${SIDECAR_LAB_SUITE:-bookworm}"
 read -r -a MODES <<<"${SIDECAR_LAB_MODES:-redirect redirect tproxy}"
 NET=sidecar-lab
 SUBNET="${SIDECAR_LAB_SUBNET:-10.89.77.0/24}"
-IMAGE="localhost/sidecar-lab:$SUITE"
+IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 LABDIR="$SIDECAR_REPO/.cache/lab"
 INVENTORY="$LABDIR/inventory.yml"
 APP_PORT=8080

@@ -19,7 +19,7 @@ done
 SERIAL="${SIDECAR_BENCH_SERIAL:-[1, \"25%\"]}"
 FORKS="${SIDECAR_BENCH_FORKS:-12}"
 SUITE="${SIDECAR_BENCH_SUITE:-bookworm}"
-IMAGE="localhost/sidecar-lab:$SUITE"
+IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 NET=sidecar-fbench
 WORK="$SIDECAR_REPO/.cache/fbench"
 RESULTS="$WORK/results.txt"

@@ -103,13 +103,23 @@ def test_config_and_install_layout(host):
     assert 1 <= len(releases) <= 2
     # the unit runs the current release with the rendered config
     unit = host.file("/etc/systemd/system/sidecar-proxy.service").content_string
-    assert "ExecStart=/opt/sidecar-proxy/current/bin/sidecar-proxy --config /etc/sidecar-proxy/config.json" in unit
+    assert ("ExecStart=/usr/bin/python3 -I -u /opt/sidecar-proxy/current/sidecar-proxy.pyz "
+            "--config /etc/sidecar-proxy/config.json") in unit
+    # a release is the zipapp and its marker, nothing else (no venv, no wheel, no pip)
+    assert sorted(host.check_output(f"ls -A {current.linked_to}").split()) == [".complete", "sidecar-proxy.pyz"]
+
+
+def test_host_has_no_venv_support(host):
+    # the images lack python3-venv (scripts/lab-image.sh): the role needs only python3 on the host
+    assert not host.package("python3-venv").is_installed
+    assert host.run("python3 -c 'import ensurepip'").rc != 0
+    assert not host.run("ls -d /usr/share/python-wheels/pip-*.whl").succeeded
 
 
 def test_bad_config_is_rejected_by_check_config(host):
     cmd = host.run(
         "tmp=$(mktemp) && echo '{\"inbound_port\": 70000}' > $tmp && "
-        "/opt/sidecar-proxy/current/bin/sidecar-proxy --check-config $tmp; rc=$?; rm -f $tmp; exit $rc"
+        "python3 -I /opt/sidecar-proxy/current/sidecar-proxy.pyz --check-config $tmp; rc=$?; rm -f $tmp; exit $rc"
     )
     assert cmd.rc == 1
     assert "inbound_port" in cmd.stderr and "70000" in cmd.stderr

@@ -1,12 +1,9 @@
 """Run on the managed host by the proxy role's preflight (with sidecar_proxy_python): one round trip
-that reports who owns the proxy's UID/GID and names, whether this Python can build a venv with pip,
-and PID 1's hard open-files limit. Prints JSON. (IPv6 is resolved by the settings task, from
+that reports who owns the proxy's UID/GID and names, this Python's version (it runs the proxy's
+zipapp) and PID 1's hard open-files limit. Prints JSON. (IPv6 is resolved by the settings task, from
 capture_facts.)"""
-import glob
 import grp
-import importlib.util
 import json
-import os
 import pwd
 import sys
 
@@ -33,24 +30,6 @@ def pid1_nofile_hard():
     return None
 
 
-def pip_wheel():
-    """A pip wheel to install with, so that release venvs need no pip of their own (Debian's
-    python3-pip-whl, a dependency of python3-venv, or ensurepip's bundled copy)."""
-    found = glob.glob("/usr/share/python-wheels/pip-*.whl")
-    spec = importlib.util.find_spec("ensurepip")
-    if spec and spec.origin:
-        found += glob.glob(os.path.join(os.path.dirname(spec.origin), "_bundled", "pip-*.whl"))
-
-    def version(path):
-        return tuple(int(x) if x.isdigit() else 0 for x in os.path.basename(path).split("-")[1].split("."))
-
-    return max(found, key=version) if found else None
-
-
-wheel = pip_wheel()
-missing = [m for m in ("venv",) if importlib.util.find_spec(m) is None]
-if wheel is None and importlib.util.find_spec("ensurepip") is None:
-    missing.append("ensurepip")
 print(json.dumps({
     "uid_owner": entry(pwd.getpwuid, uid),
     "gid_owner": entry(grp.getgrgid, gid),
@@ -58,7 +37,6 @@ print(json.dumps({
     "group": entry(grp.getgrnam, group),
     "python": sys.executable,
     "python_version": ".".join(str(v) for v in sys.version_info[:3]),
-    "venv_missing": missing,
-    "pip_wheel": wheel,
+    "python_version_info": list(sys.version_info[:3]),
     "nofile_hard": pid1_nofile_hard(),
 }))
