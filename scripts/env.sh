@@ -12,7 +12,7 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: the lab needs rootful Podman, network namespaces and iptables"
 
 # Debian packages the lab and the tests need; installed only when missing.
-SIDECAR_APT_PACKAGES="${SIDECAR_APT_PACKAGES:-podman runc debootstrap iptables iproute2 git shellcheck}"
+SIDECAR_APT_PACKAGES="${SIDECAR_APT_PACKAGES:-podman runc debootstrap iptables nftables iproute2 git shellcheck}"
 ensure_apt() {
   local missing=() p
   for p in "$@"; do
