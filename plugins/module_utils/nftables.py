@@ -13,6 +13,18 @@ _COUNTER = re.compile(r"\bcounter packets \d+ bytes \d+")
 # "table F N" + "delete table F N" before the definition make a file that `nft -f` can load at any time
 # (it replaces the table in one transaction); they are not part of the table itself.
 _PREAMBLE = re.compile(r"^(delete )?table \S+ \S+$")
+# nft prints a base chain's priority by name where it knows one for the hook (which differs between
+# versions: 1.0.6 prints nat output -100 as "-100", 1.1 as "dstnat"); compare them as numbers.
+_PRIORITY = re.compile(r"\bpriority ([a-z]+|-?\d+)(?: ([+-]) (\d+))?;")
+_PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+
+
+def _priority(match):
+    base, sign, offset = match.groups()
+    value = _PRIORITIES[base] if base in _PRIORITIES else int(base)
+    if sign:
+        value += int(offset) if sign == "+" else -int(offset)
+    return "priority %d;" % value
 _HANDLE = re.compile(r"\s+# handle \d+$")
 
 
@@ -32,7 +44,7 @@ def canonical(text):
         line = _HANDLE.sub("", raw.split("#", 1)[0] if raw.lstrip().startswith("#") else raw).strip()
         if not line:
             continue
-        line = _COUNTER.sub("counter", line)
+        line = _PRIORITY.sub(_priority, _COUNTER.sub("counter", line))
         if _PREAMBLE.match(line):
             continue
         if pending is not None:
