@@ -142,4 +142,3 @@ class Admin(Forwarding):
             })
             return "200 OK", "application/json", (json.dumps(stats, indent=1) + "\n").encode()
         return "404 Not Found", "text/plain", b"not found: try /ready /metrics /stats\n"
-

@@ -190,7 +190,6 @@ class Conn:
         self.down = Flow(self, self.ufd, self.cfd, (direction, "downstream"), True)
 
 
-
 class Forwarding:
     """Upstream connect, the two flows of each connection, teardown and access-log lines.
 
@@ -515,4 +514,3 @@ class Forwarding:
         lines, self.log_lines = self.log_lines, []
         if self.access is not None:
             self.metrics.access_log_dropped += self.access.submit(lines)
-

@@ -40,7 +40,6 @@ def listener_specs(cfg: Config) -> list[tuple[str, int, int, bool]]:
     return specs
 
 
-
 class Listeners(Forwarding):
     """Listener sockets and their accept handlers; a mixin of Server."""
 
@@ -115,4 +114,3 @@ class Listeners(Forwarding):
                 self.start_upstream(direction, inbound, csock, src, dst)
 
         return on_accept
-
