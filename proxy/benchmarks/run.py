@@ -3,9 +3,10 @@
 
     python proxy/benchmarks/run.py [--duration S] [--repeats N] [--quick] [--only NAME,...]
 
-Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` a
-PREROUTING rule captures the benchmark ports with nat REDIRECT (or mangle TPROXY) to :15006, exactly the
-path the capture role builds. Contenders: the direct path (no capture), sidecar-proxy, Envoy and HAProxy
+Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` the
+capture role's own rules (rendered from the one settings definition by tests/golden/regen.py, with
+sidecar_inbound_ports = the benchmark ports) capture them with nat REDIRECT (or mangle TPROXY) to
+:15006, the path hosts run. Contenders: the direct path (no capture), sidecar-proxy, Envoy and HAProxy
 (REDIRECT), `aio_proxy.py` on asyncio and on uvloop (REDIRECT; the same job done with
 asyncio.BufferedProtocol, to measure those techniques against sidecar-proxy's epoll loop; uvloop only
 when this interpreter can import it), and sidecar-proxy and Envoy (TPROXY). The proxy under test is
@@ -85,32 +86,61 @@ def setup() -> None:
         for key, val in (("net.ipv4.ip_local_port_range", "1024 65000"), ("net.ipv4.tcp_tw_reuse", "1"),
                          ("net.core.somaxconn", "8192")):
             sh(*nsx(ns, "sysctl", "-qw", f"{key}={val}"), check=False)
-    # the chains exist for every contender (so conntrack is on for all); only their rules change
-    sh(*nsx(SNS, "iptables-restore", "--noflush"), input=(
-        "*nat\n:SPB_IN - [0:0]\n"
-        f"-A PREROUTING -i {SVETH} -p tcp -j SPB_IN\nCOMMIT\n"
-        "*mangle\n:SPB_IN - [0:0]\n:SPB_DIVERT - [0:0]\n"
-        f"-A PREROUTING -i {SVETH} -p tcp -j SPB_IN\n"
-        f"-A SPB_DIVERT -j MARK --set-xmark {MARK}/0xffffffff\n-A SPB_DIVERT -j ACCEPT\nCOMMIT\n"))
-    sh("ip", "-n", SNS, "rule", "add", "fwmark", str(MARK), "lookup", str(TABLE))
+    # conntrack is on for every contender (the capture's rules load it; the direct path gets it too)
+    sh(*nsx(SNS, "iptables-restore", "--noflush"), input="*raw\n:SPB_CT - [0:0]\n"
+       "-A PREROUTING -j SPB_CT\n-A SPB_CT -m conntrack --ctstate NEW -j RETURN\nCOMMIT\n")
+    fwmark = capture_settings("tproxy")["tproxy_fwmark"]
+    sh("ip", "-n", SNS, "rule", "add", "fwmark", fwmark, "lookup", str(TABLE))
     sh("ip", "-n", SNS, "route", "add", "local", "default", "dev", "lo", "table", str(TABLE))
     for ns in (CNS, SNS):
         sh(*nsx(ns, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=2"), check=False)
 
 
+# The capture is the collection's own: the rules roles/capture renders (tests/golden/regen.py, from the
+# one settings definition) for the benchmark ports, applied and removed with the iptables_chains
+# module's planning code (plugins/module_utils/iptables.py), so the benchmark measures what hosts run.
+REPO = HERE.parents[1]
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _overrides(kind: str) -> dict[str, Any]:
+    return {"sidecar_mode": kind, "sidecar_inbound_port": PROXY_PORT, "sidecar_tproxy_mark": MARK,
+            "sidecar_tproxy_table": TABLE, "sidecar_ipv6": False,
+            "sidecar_inbound_ports": [PORT_IPERF, PORT_SOCKPERF, PORT_HTTP, PORT_IDLE]}
+
+
+def _regen() -> Any:
+    return _load("golden_regen", REPO / "tests" / "golden" / "regen.py")
+
+
+def capture_settings(kind: str) -> dict[str, Any]:
+    settings: dict[str, Any] = _regen().resolved(_overrides(kind))
+    return settings
+
+
+def capture_rules(kind: str) -> str:
+    rules: str = _regen().render(_overrides(kind), "ipv4")
+    return rules
+
+
 def capture(kind: str) -> None:
     """kind: none | redirect | tproxy."""
-    ports = f"{PORT_IPERF},{PORT_SOCKPERF},{PORT_HTTP},{PORT_IDLE}"
-    rules = "*nat\n-F SPB_IN\n"
-    if kind == "redirect":
-        rules += f"-A SPB_IN -p tcp -m multiport --dports {ports} -j REDIRECT --to-ports {PROXY_PORT}\n"
-    rules += "COMMIT\n*mangle\n-F SPB_IN\n"
-    if kind == "tproxy":
-        rules += ("-A SPB_IN -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j SPB_DIVERT\n"
-                  f"-A SPB_IN -p tcp -m multiport --dports {ports} -j TPROXY --on-port {PROXY_PORT} "
-                  f"--tproxy-mark {MARK}/0xffffffff\n")
-    rules += "COMMIT\n"
-    sh(*nsx(SNS, "iptables-restore", "--noflush"), input=rules)
+    ipt = _load("capture_iptables", REPO / "plugins" / "module_utils" / "iptables.py")
+    for mode in ("redirect", "tproxy"):  # remove what a previous contender had
+        desired = ipt.desired_from_rules(capture_rules(mode))
+        current = ipt.current_state(sh(*nsx(SNS, "iptables-save")), desired)
+        _changes, payload = ipt.plan(desired, current, "absent")
+        if payload:
+            sh(*nsx(SNS, "iptables-restore", "--noflush"), input=payload)
+    if kind != "none":
+        sh(*nsx(SNS, "iptables-restore", "--noflush"), input=capture_rules(kind))
     sh(*nsx(SNS, "conntrack", "-F"), check=False)
 
 

@@ -29,6 +29,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
+REPO = HERE.parents[1]
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
@@ -183,38 +184,50 @@ class Topo:
         _run("ip", "netns", "exec", ns, "iptables-restore", "--noflush", input=v4)
         _run("ip", "netns", "exec", ns, "ip6tables-restore", "--noflush", input=v6)
 
+    # The capture rules are the collection's own (tests/golden/regen.py renders roles/capture's template
+    # from the one settings definition, exactly as the role does), not a copy: what the proxy is tested
+    # behind is what hosts run.
+    def capture(self, ns: str, **settings: Any) -> None:
+        for family, restore in (("ipv4", "iptables-restore"), ("ipv6", "ip6tables-restore")):
+            _run("ip", "netns", "exec", ns, restore, "--noflush", input=capture_rules(settings, family))
+        if settings.get("sidecar_mode") == "tproxy":
+            resolved = capture_settings(settings)
+            for fam in ("-4", "-6"):
+                _run("ip", "-n", ns, fam, "rule", "add", "fwmark", resolved["tproxy_fwmark"],
+                     "lookup", str(resolved["tproxy_table"]))
+                _run("ip", "-n", ns, fam, "route", "add", "local", "default", "dev", "lo",
+                     "table", str(resolved["tproxy_table"]))
+
     def redirect_inbound(self, port: int = 15006) -> None:
-        for tool, restore in (("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore")):
-            _ = tool
-            _run("ip", "netns", "exec", self.sns, restore, "--noflush", input=(
-                "*nat\n:SPX_IN - [0:0]\n"
-                f"-A PREROUTING -i {self.sveth} -p tcp -j SPX_IN\n"
-                f"-A SPX_IN -p tcp -j REDIRECT --to-ports {port}\n"
-                "COMMIT\n"))
+        self.capture(self.sns, sidecar_mode="redirect", sidecar_inbound_port=port)
 
     def tproxy_inbound(self, port: int = 15006, mark: int = 1337, table: int = 133) -> None:
-        for restore, fam in (("iptables-restore", "-4"), ("ip6tables-restore", "-6")):
-            _run("ip", "netns", "exec", self.sns, restore, "--noflush", input=(
-                "*mangle\n:SPX_IN - [0:0]\n:SPX_DIVERT - [0:0]\n"
-                f"-A PREROUTING -i {self.sveth} -p tcp -j SPX_IN\n"
-                "-A SPX_IN -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j SPX_DIVERT\n"
-                f"-A SPX_IN -p tcp -j TPROXY --on-port {port} --tproxy-mark {mark}/0xffffffff\n"
-                f"-A SPX_DIVERT -j MARK --set-xmark {mark}/0xffffffff\n"
-                "-A SPX_DIVERT -j ACCEPT\n"
-                "COMMIT\n"))
-            _run("ip", "-n", self.sns, fam, "rule", "add", "fwmark", str(mark), "lookup", str(table))
-            _run("ip", "-n", self.sns, fam, "route", "add", "local", "default", "dev", "lo",
-                 "table", str(table))
+        self.capture(self.sns, sidecar_mode="tproxy", sidecar_inbound_port=port, sidecar_tproxy_mark=mark,
+                     sidecar_tproxy_table=table)
 
     def redirect_outbound(self, port: int = 15001, uid: int = PROXY_UID) -> None:
-        for restore in ("iptables-restore", "ip6tables-restore"):
-            _run("ip", "netns", "exec", self.cns, restore, "--noflush", input=(
-                "*nat\n:SPX_OUT - [0:0]\n"
-                "-A OUTPUT -p tcp -j SPX_OUT\n"
-                f"-A SPX_OUT -m owner --uid-owner {uid} -j RETURN\n"
-                "-A SPX_OUT -o lo -j RETURN\n"
-                f"-A SPX_OUT -p tcp -j REDIRECT --to-ports {port}\n"
-                "COMMIT\n"))
+        self.capture(self.cns, sidecar_outbound_port=port, sidecar_proxy_uid=uid)
+
+
+def _regen() -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("golden_regen", REPO / "tests" / "golden" / "regen.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def capture_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings (plugins/module_utils/settings.py) for these overrides."""
+    resolved: dict[str, Any] = _regen().resolved(settings)
+    return resolved
+
+
+def capture_rules(settings: dict[str, Any], family: str) -> str:
+    """The capture role's iptables-restore rules for these settings and family."""
+    rules: str = _regen().render(settings, family)
+    return rules
 
 
 @pytest.fixture
