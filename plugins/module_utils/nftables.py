@@ -25,6 +25,8 @@ def _priority(match):
     if sign:
         value += int(offset) if sign == "+" else -int(offset)
     return "priority %d;" % value
+
+
 _HANDLE = re.compile(r"\s+# handle \d+$")
 
 

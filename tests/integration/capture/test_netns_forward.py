@@ -179,7 +179,7 @@ class Lab:
 
 
 @pytest.fixture(params=[("ipv4", "iptables"), ("ipv6", "iptables"), ("ipv4", "nftables"), ("ipv6", "nftables")],
-                ids=lambda p: "-".join(p))
+                ids="-".join)
 def lab(request):
     lab = Lab(*request.param)
     try:
