@@ -182,16 +182,27 @@ def ask(name, family, addr, port):
     return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
 
 
+def apply_capture(name, tmp_path, backend, case, family):
+    """Load the golden rules of `case` in namespace `name` with the module of `backend`."""
+    if backend == "nftables":
+        rules = (GOLDEN / ("%s.nft" % case)).read_text()
+        result = run_module(name, tmp_path, module="nft_table", rules=rules)
+    else:
+        rules = (GOLDEN / ("%s.%s.rules" % (case, family))).read_text()
+        result = run_module(name, tmp_path, family=family, backend="nft", rules=rules)
+    assert result["changed"] and not result.get("failed"), result
+
+
+@pytest.mark.parametrize("backend", ["iptables", pytest.param("nftables", marks=pytest.mark.skipif(
+    not shutil.which("nft"), reason="needs nft"))])
 @pytest.mark.parametrize("mode", ["redirect", "tproxy"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, tmp_path, mode, family):
+def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, tmp_path, mode, family, backend):
     server, client, addr_s, addr_c = two_hosts(ns, family)
     v6 = family == "ipv6"
     procs = []
     try:
-        rules = (GOLDEN / ("%s-defaults.%s.rules" % (mode, family))).read_text()
-        result = run_module(server, tmp_path, family=family, backend="nft", rules=rules)
-        assert result["changed"], result
+        apply_capture(server, tmp_path, backend, "%s-defaults" % mode, family)
         if mode == "tproxy":
             tproxy_routes(server, v6)
         procs.append(start_server(server, mode, 15006, family))
@@ -200,9 +211,12 @@ def test_inbound_capture_sees_original_destination_and_ssh_is_not_captured(ns, t
         for port in (8080, 8443):
             assert ask(client, family, addr_s, port) == "proxy %s %d" % (addr_s, port)
         assert ask(client, family, addr_s, 22) == "direct 22"
-        # the capturing host as a client: its proxy (UID 1337, not captured) reaches the peer, and the
-        # replies pass the mangle chain (existing socket -> DIVERT) instead of being dropped by TPROXY
+        # outbound: an app's connection to the peer reaches :15001 with its original destination;
+        # the capturing host's proxy (UID 1337) is not captured, and in tproxy mode the replies pass
+        # the mangle chain instead of being dropped by TPROXY
+        procs.append(start_server(server, "redirect", 15001, family))
         procs.append(start_server(client, "direct", 7000, family))
+        assert ask(server, family, addr_c, 7000) == "proxy %s 7000" % addr_c
         code = ("import encodings.idna,os,socket,sys; os.setgid(1337); os.setuid(1337); "
                 "s=socket.create_connection((sys.argv[1], 7000), timeout=3); print(s.recv(200).decode())")
         out = sh("ip", "netns", "exec", server, sys.executable, "-c", code, addr_c, check=False)
