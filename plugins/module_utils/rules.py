@@ -37,7 +37,6 @@ ADDR = {
     "ipv6": {"loopback": "::1/128", "passthrough": "::6/128", "any": "::"},
 }
 FAMILIES = ("ipv4", "ipv6")
-FULL_MASK = "0xffffffff"
 
 
 def _per_family(rule, families):

@@ -239,20 +239,28 @@ def _items(name, value, problems):
     return []
 
 
-def _port_list(name, value, problems, star=False):
-    """Sorted unique ports; with star=True, '*' (alone) means all and returns '*'."""
+def _unique_list(name, value, problems, parse, star=None):
+    """Unique parsed items of a list setting, or '*' alone when star (the words for "every ...", "other
+    ...") is given; parse(item) returns the item or None after adding a problem."""
     items = _items(name, value, problems)
     if star and any(i == "*" for i in items):
         if len(items) > 1:
-            problems.add(name, value, "'*' (every port) cannot be combined with other ports")
+            problems.add(name, value, "'*' (every %s) cannot be combined with %s" % star)
             return None
         return "*"
-    ports = []
+    out = []
     for item in items:
-        port = _port(name, item, problems, whole=value)
-        if port is not None and port not in ports:
-            ports.append(port)
-    return sorted(ports)
+        parsed = parse(item)
+        if parsed is not None and parsed not in out:
+            out.append(parsed)
+    return out
+
+
+def _port_list(name, value, problems, star=False):
+    """Sorted unique ports; with star=True, '*' (alone) means all and returns '*'."""
+    ports = _unique_list(name, value, problems, lambda item: _port(name, item, problems, whole=value),
+                         ("port", "other ports") if star else None)
+    return ports if ports in (None, "*") else sorted(ports)
 
 
 def _network(name, item, value, problems):
@@ -274,18 +282,9 @@ def _network(name, item, value, problems):
 
 def _cidr_list(name, value, problems, star=False):
     """Canonical networks ('10.0.0.0/8', 'fd00::/8': host addresses get /32 or /128), sorted, unique."""
-    items = _items(name, value, problems)
-    if star and any(i == "*" for i in items):
-        if len(items) > 1:
-            problems.add(name, value, "'*' (every destination) cannot be combined with networks")
-            return None
-        return "*"
-    nets = []
-    for item in items:
-        net = _network(name, item, value, problems)
-        if net is not None and net not in nets:
-            nets.append(net)
-    return sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
+    nets = _unique_list(name, value, problems, lambda item: _network(name, item, value, problems),
+                        ("destination", "networks") if star else None)
+    return nets if nets in (None, "*") else sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
 _IFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}[+]?$")
