@@ -5,9 +5,17 @@
 Runs on the controller: reads the sidecar_* variables of the host, validates them with
 module_utils/settings.py (nothing on the host has changed when this fails), then reads the host's
 capture facts with the capture_facts module (read-only) and resolves what depends on the host.
+
+Within one play the host is read once: a later call (the roles after site.yml's own call) with the
+same settings and the same connection port reuses the facts of the first (ansible_facts carries the
+key of what they were resolved from). Different settings (the rollback's sidecar_state=absent), a
+stricter require_backend or another play read the host again.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from ansible.errors import AnsibleError
 from ansible.plugins.action import ActionBase
@@ -46,6 +54,21 @@ class ActionModule(ActionBase):
             port = self._templar.template(task_vars.get("ansible_port", task_vars.get("ansible_ssh_port", 22)))
         return [port]
 
+    def _cache_key(self, raw, management, gather):
+        """What the facts were resolved from: the raw settings, the connection's port and the play."""
+        if not gather:
+            return None
+        play = None
+        try:
+            play = self._task.get_play()
+        except AttributeError:
+            play = None
+        uuid = getattr(play, "_uuid", None)
+        if not isinstance(uuid, str):
+            return None  # no play to scope the facts to: always read the host
+        blob = json.dumps([uuid, raw, management], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
     def run(self, tmp=None, task_vars=None):
         task_vars = task_vars or {}
         result = super().run(tmp, task_vars)
@@ -60,19 +83,33 @@ class ActionModule(ActionBase):
         if errors:
             return dict(result, failed=True, errors=errors,
                         msg="Invalid sidecar.intercept settings (nothing was changed): " + "; ".join(errors))
+        management = self._management_ports(task_vars)
+        require = bool(args.get("require_backend", True))
+        key = self._cache_key(raw, management, gather)
+        cached = (task_vars.get("ansible_facts") or {})
+        record = (cached.get("sidecar_capture") or {}).get("resolved_from") or {}
+        if (key and record.get("key") == key and (record.get("require_backend") or not require)
+                and "sidecar_settings" in cached):
+            result.update(changed=False, cached=True, settings=cached["sidecar_settings"],
+                          ansible_facts={"sidecar_settings": cached["sidecar_settings"],
+                                         "sidecar_capture": cached["sidecar_capture"]})
+            return result
         facts = {}
         host = None
         if gather:
             cap = self._execute_module(
                 module_name="sidecar.intercept.capture_facts",
                 module_args=dict(backend=settings["capture_backend"], table=settings["tproxy_table"],
-                                 require_backend=bool(args.get("require_backend", True))),
+                                 require_backend=require),
                 task_vars=task_vars)
             if cap.get("failed"):
                 return dict(result, failed=True, msg=cap.get("msg", "capture_facts failed"), module_result=cap)
             facts["sidecar_capture"] = cap["ansible_facts"]["sidecar_capture"]
+            if key:
+                facts["sidecar_capture"] = dict(facts["sidecar_capture"],
+                                                resolved_from={"key": key, "require_backend": require})
             host = dict(facts["sidecar_capture"]["host"], backend=facts["sidecar_capture"]["backend"])
-        resolved, errors, _w = effective(raw, host, self._management_ports(task_vars))
+        resolved, errors, _w = effective(raw, host, management)
         if errors:
             return dict(result, failed=True, errors=errors,
                         msg="sidecar.intercept settings do not fit %s (nothing was changed): %s"

@@ -21,6 +21,11 @@ description:
     connection - Ansible's port and the ports sshd listens on, which are never captured) and sets
     C(ansible_facts.sidecar_settings), which the roles and playbooks read instead of the raw variables.
   - This is an action plugin; it runs on the controller and calls capture_facts on the host.
+  - The host is read once per play. A later call in the same play (the roles after the playbook's
+    own call) with the same settings and the same connection port reuses the facts of the first
+    (C(ansible_facts.sidecar_capture.resolved_from) records what they were resolved from); other
+    settings (for example the rollback's C(sidecar_state=absent)), a stricter O(require_backend) or
+    another play read the host again.
 author:
   - sidecar.intercept developers (@sidecar)
 options:
@@ -67,6 +72,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+cached:
+  description: The facts were resolved earlier in this play from the same settings and were reused.
+  returned: when reused
+  type: bool
+  sample: true
 settings:
   description: The resolved settings (the same as C(ansible_facts.sidecar_settings)).
   returned: success

@@ -55,3 +55,44 @@ def test_only_ssh_connections_add_a_management_port(transport):
 def test_unknown_parameters_are_refused():
     result = action(args={"gahter": False}).run(task_vars={})
     assert result["failed"] and "gahter" in result["msg"]
+
+
+def _play(uuid):
+    return MagicMock(_uuid=uuid)
+
+
+def test_the_host_is_read_once_per_play_for_the_same_settings():
+    act = action()
+    act._task.get_play.return_value = _play("play-1")
+    first = act.run(task_vars={"sidecar_mode": "tproxy"})
+    assert act._execute_module.call_count == 1 and not first.get("cached")
+    again = act.run(task_vars={"sidecar_mode": "tproxy", "ansible_facts": first["ansible_facts"]})
+    assert again["cached"] and act._execute_module.call_count == 1
+    assert again["ansible_facts"] == first["ansible_facts"]
+
+
+@pytest.mark.parametrize("change", ["settings", "play", "stricter", "port"])
+def test_the_host_is_read_again_when_the_inputs_differ(change):
+    act = action(args={"require_backend": False})
+    act._task.get_play.return_value = _play("play-1")
+    first = act.run(task_vars={"sidecar_mode": "tproxy"})
+    task_vars = {"sidecar_mode": "tproxy", "ansible_facts": first["ansible_facts"]}
+    if change == "settings":
+        task_vars["sidecar_state"] = "absent"          # the rollback inside the same play
+    elif change == "play":
+        act._task.get_play.return_value = _play("play-2")
+    elif change == "stricter":
+        act._task.args = {"require_backend": True}    # the proxy role's facts do not prove the tools
+    else:
+        act._connection.get_option.return_value = 2222
+    again = act.run(task_vars=task_vars)
+    assert not again.get("cached") and act._execute_module.call_count == 2
+
+
+def test_a_stricter_first_read_serves_a_laxer_later_call():
+    act = action()
+    act._task.get_play.return_value = _play("play-1")
+    first = act.run(task_vars={})
+    act._task.args = {"require_backend": False}
+    again = act.run(task_vars={"ansible_facts": first["ansible_facts"]})
+    assert again["cached"] and act._execute_module.call_count == 1
