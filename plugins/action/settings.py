@@ -58,12 +58,8 @@ class ActionModule(ActionBase):
         """What the facts were resolved from: the raw settings, the connection's port and the play."""
         if not gather:
             return None
-        play = None
-        try:
-            play = self._task.get_play()
-        except AttributeError:
-            play = None
-        uuid = getattr(play, "_uuid", None)
+        get_play = getattr(self._task, "get_play", None)
+        uuid = getattr(get_play(), "_uuid", None) if get_play else None
         if not isinstance(uuid, str):
             return None  # no play to scope the facts to: always read the host
         blob = json.dumps([uuid, raw, management], sort_keys=True, default=str)
