@@ -159,13 +159,20 @@ def test_metrics_listener_follows_reload(topo: Topo, start_proxy: Any) -> None:
     proxy.rewrite(metrics_address="10.231.255.254")
     proxy.signal(signal.SIGHUP)
     proxy.wait_until(lambda: proxy.stats()["reloads"]["failed"] == 1)
-    assert "Cannot assign requested address" in proxy.stats()["reloads"]["last_error"]
+    assert "metrics listener 10.231.255.254:15090: Cannot assign requested address" in \
+        proxy.stats()["reloads"]["last_error"]
     assert get(topo.cns, (topo.s4, PORT), "/metrics")[0] == 200
     proxy.rewrite(metrics_address="")
     proxy.signal(signal.SIGHUP)
     proxy.wait_until(lambda: proxy.stats()["reloads"]["ok"] == 2)
     assert refused()
     assert proxy.stats()["metrics_listener"]["address"] is None
+
+
+def test_start_with_an_address_the_host_lacks_names_the_listener(topo: Topo, start_proxy: Any) -> None:
+    with pytest.raises(RuntimeError) as exc:
+        start_proxy(topo.sns, {"metrics_address": "10.231.255.254", "metrics_port": PORT})
+    assert "cannot start: [Errno 99] metrics listener 10.231.255.254:15090: Cannot assign" in str(exc.value)
 
 
 @pytest.mark.parametrize("mode", ["redirect", "tproxy"])

@@ -106,7 +106,10 @@ class Admin(Forwarding):
         if want is None:
             return True, None
         family = socket.AF_INET6 if ":" in want[0] else socket.AF_INET
-        return True, netutil.listen_socket(family, want[0], want[1], False, 128)
+        try:
+            return True, netutil.listen_socket(family, want[0], want[1], False, 128)
+        except OSError as exc:  # name the listener: "cannot start" alone would not say which one
+            raise OSError(exc.errno, f"metrics listener {netutil.fmt(want)}: {exc.strerror}") from None
 
     def metrics_commit(self, cfg: Config, changed: bool, sock: socket.socket | None) -> None:
         """Swap in what metrics_bind returned; open metrics connections finish on the old socket."""
