@@ -5,13 +5,19 @@ reloadable, and reachable through the capture rules because the collection exclu
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import signal
 import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Topo, ns_socket
+from conftest import REPO, Topo, connect, in_ns, ns_socket
 from test_robustness import run_cli
 
 from sidecar_proxy.config import ConfigError, validate
@@ -199,3 +205,74 @@ def test_scrape_without_the_exclusion_is_captured_and_reset(topo: Topo, start_pr
     with pytest.raises((ConnectionResetError, IndexError, ValueError)):
         get(topo.cns, (topo.s4, PORT), "/metrics")
     proxy.wait_until(lambda: proxy.stats()["errors"]["loop"] >= 1)
+
+
+# ---------------------------------------------------------------------------- a real Prometheus (root, netns)
+def prometheus_dir() -> Path:
+    """Debian's Prometheus binaries, unpacked by scripts/prometheus.sh (apt-get download, once)."""
+    found = shutil.which("prometheus")
+    if found:
+        return Path(found).parent
+    res = subprocess.run(["bash", str(REPO / "scripts" / "prometheus.sh"), "bin"], capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0:
+        pytest.skip(f"no Prometheus binary: {res.stderr.strip()[-300:]}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def test_real_prometheus_scrapes_the_listener_through_the_capture(topo: Topo, start_proxy: Any, serve: Any,
+                                                                  tmp_path: Path) -> None:
+    """Prometheus on another host (the client namespace) scrapes the proxy's metrics listener through the
+    collection's capture rules, loads the shipped alerting rules, and sees the proxied connection."""
+    bindir = prometheus_dir()
+    topo.capture(topo.sns, sidecar_mode="redirect", sidecar_proxy_metrics_address=topo.s4,
+                 sidecar_proxy_metrics_port=PORT)
+    start_proxy(topo.sns, {"metrics_address": topo.s4, "metrics_port": PORT})
+    serve(topo.sns, socket.AF_INET, 8080)
+    with connect(topo.cns, socket.AF_INET, (topo.s4, 8080)) as s:  # one connection through the proxy
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+    rules = REPO / "roles" / "proxy" / "files" / "prometheus" / "sidecar-intercept.rules.yml"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "sidecar-proxy",
+                            "static_configs": [{"targets": [f"{topo.s4}:{PORT}"]}]}],
+    }))
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
+    # in the client namespace: its 127.0.0.1:9090 is its own, nothing on the machine shares it
+    prom = subprocess.Popen(["ip", "netns", "exec", topo.cns, str(bindir / "prometheus"),
+                             f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             "--web.listen-address=127.0.0.1:9090", "--log.level=warn"],
+                            stdout=log, stderr=log)
+
+    def api(path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:9090/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        return in_ns(topo.cns, lambda: json.load(urllib.request.urlopen(url, timeout=3)))["data"]
+
+    try:
+        deadline, result = time.monotonic() + 40, []
+        query = 'sidecar_proxy_connections_total{job="sidecar-proxy", direction="inbound"}'
+        while time.monotonic() < deadline and prom.poll() is None:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                result = api("query", query=query)["result"]
+                if result:
+                    break
+            time.sleep(0.5)
+        assert result, (tmp_path / "prometheus.log").read_text()[-2000:]
+        assert result[0]["metric"]["instance"] == f"{topo.s4}:{PORT}" and result[0]["value"][1] == "1", result
+        up = api("query", query='up{job="sidecar-proxy"}')["result"]
+        assert [r["value"][1] for r in up] == ["1"], up
+        groups = api("rules")["groups"]
+        loaded = [r for g in groups for r in g["rules"]]
+        assert len(loaded) >= 10 and all(r["health"] != "err" for r in loaded), loaded
+        assert [r["name"] for r in loaded if r["state"] == "firing"] == []
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait(5)
+        log.close()
