@@ -8,7 +8,9 @@
 #   scripts/lab.sh down      remove every container, network and image the lab made
 #
 # Settings (environment): SIDECAR_LAB_HOSTS (3), SIDECAR_LAB_SUITE (bookworm|trixie),
-# SIDECAR_LAB_MODES (modes given to the hosts in turn; default "redirect redirect tproxy").
+# SIDECAR_LAB_MODES (modes given to the hosts in turn; default "redirect redirect tproxy"),
+# SIDECAR_LAB_NAME (network and host name prefix, default sidecar-lab), SIDECAR_LAB_SUBNET,
+# SIDECAR_PROMETHEUS_PORT (the lab's Prometheus on 127.0.0.1, default 19090).
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "$0")/env.sh"
@@ -16,7 +18,7 @@ set -euo pipefail
 HOSTS="${SIDECAR_LAB_HOSTS:-3}"
 SUITE="${SIDECAR_LAB_SUITE:-bookworm}"
 read -r -a MODES <<<"${SIDECAR_LAB_MODES:-redirect redirect tproxy}"
-NET=sidecar-lab
+NET="${SIDECAR_LAB_NAME:-sidecar-lab}"  # the network, and the hosts' name prefix
 SUBNET="${SIDECAR_LAB_SUBNET:-10.89.77.0/24}"
 IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 LABDIR="$SIDECAR_REPO/.cache/lab"
@@ -30,7 +32,7 @@ for m in "${MODES[@]}"; do
   case "$m" in redirect|tproxy) ;; *) die "SIDECAR_LAB_MODES: unknown mode '$m' (expected redirect or tproxy)" ;; esac
 done
 
-name() { echo "sidecar-lab-$1"; }
+name() { echo "$NET-$1"; }
 mode_of() { echo "${MODES[$(( ($1 - 1) % ${#MODES[@]} ))]}"; }
 ip_of() { podman inspect --format "{{ (index .NetworkSettings.Networks \"$NET\").IPAddress }}" "$(name "$1")"; }
 
@@ -66,6 +68,7 @@ write_inventory() {
     echo "  vars:"
     echo "    ansible_connection: containers.podman.podman"
     echo "    ansible_python_interpreter: /usr/bin/python3"
+    echo "    sidecar_proxy_metrics_address: 0.0.0.0  # scraped by the lab's Prometheus"
     echo "  hosts:"
     for i in $(seq 1 "$HOSTS"); do
       echo "    $(name "$i"):"
@@ -107,6 +110,11 @@ import urllib.request
 for line in urllib.request.urlopen('http://127.0.0.1:15000/metrics', timeout=5).read().decode().splitlines():
     if line.startswith(('sidecar_proxy_connections_total', 'sidecar_proxy_bytes_total')):
         print('  ' + line)"
+  echo
+  # a real Prometheus (Debian's package) on this machine scrapes every proxy's metrics listener
+  local targets=()
+  for i in $(seq 1 "$HOSTS"); do targets+=("$(ip_of "$i"):15090"); done
+  bash "$SIDECAR_REPO/scripts/prometheus.sh" scrape "$LABDIR/prometheus" "${targets[@]}"
   cat <<EOT
 
 Interception works: every request above went app -> outbound proxy (:15001) -> network ->
@@ -141,7 +149,7 @@ up() {
 down() {
   setup_podman
   log "removing the lab containers and network${1:+ (images kept)}"
-  podman ps -a --filter label=sidecar.lab=1 --format '{{.Names}}' | xargs -r podman rm -f -t 2 >/dev/null
+  podman ps -a --filter label=sidecar.lab=1 --filter "name=^$NET-" --format '{{.Names}}' | xargs -r podman rm -f -t 2 >/dev/null
   podman network exists "$NET" && podman network rm -f "$NET" >/dev/null
   if [ "${1:-}" != "--keep-images" ]; then
     # without -f: an image that other containers (a Molecule run) still use is kept, not forced away
@@ -156,7 +164,7 @@ down() {
 case "${1:-up}" in
   up) up ;;
   demo) sidecar_setup; demo ;;
-  status) setup_podman; podman ps -a --filter label=sidecar.lab=1 --format 'table {{.Names}}\t{{.Status}}\t{{.Networks}}' ;;
+  status) setup_podman; podman ps -a --filter label=sidecar.lab=1 --filter "name=^$NET-" --format 'table {{.Names}}\t{{.Status}}\t{{.Networks}}' ;;
   down) down "${2:-}" ;;
   *) die "unknown command '$1' (expected up, demo, status or down)" ;;
 esac

@@ -107,6 +107,14 @@ SETTINGS = [
     Setting("sidecar_admin_port", "int", 15000,
             "Port of the proxy's admin endpoint (C(/ready), C(/metrics), C(/stats)) on 127.0.0.1.",
             roles=("proxy",)),
+    Setting("sidecar_proxy_metrics_address", "str", "",
+            ["An address of the host (C(0.0.0.0) for every IPv4 address, C(::) for every IPv6 one) where the "
+             "proxy also serves its metrics read-only (C(GET /metrics) only, Prometheus text) for a scraper on "
+             "another host; the admin endpoint stays on 127.0.0.1. Empty (default): no such listener.",
+             "Its port O(sidecar_proxy_metrics_port) is then never captured inbound, so scrapes reach the "
+             "listener directly."]),
+    Setting("sidecar_proxy_metrics_port", "int", 15090,
+            "Port of the metrics listener (used only with O(sidecar_proxy_metrics_address)), 1-65535."),
     Setting("sidecar_tproxy_mark", "raw", 1337,
             ["Firewall mark of TPROXY-captured packets (the policy routing selector), 1-4294967295, "
              "decimal or C(0x) hexadecimal."],
@@ -323,6 +331,19 @@ def _bool_or_auto(name, value, problems):
     return None
 
 
+def _metrics_address(name, value, problems):
+    """'' (no metrics listener) or a canonical IP address."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            pass
+    problems.add(name, value, "must be empty (no metrics listener) or an IP address of the host")
+    return None
+
+
 def _choice(name, value, problems):
     choices = BY_NAME[name].choices
     if isinstance(value, str) and value.strip() in choices:
@@ -353,6 +374,8 @@ def validate(raw):
         "inbound_port": _port("sidecar_inbound_port", v["sidecar_inbound_port"], p),
         "outbound_port": _port("sidecar_outbound_port", v["sidecar_outbound_port"], p),
         "admin_port": _port("sidecar_admin_port", v["sidecar_admin_port"], p),
+        "metrics_address": _metrics_address("sidecar_proxy_metrics_address", v["sidecar_proxy_metrics_address"], p),
+        "metrics_port": _port("sidecar_proxy_metrics_port", v["sidecar_proxy_metrics_port"], p),
         "tproxy_mark": _integer("sidecar_tproxy_mark", v["sidecar_tproxy_mark"], 1, MAX_U32, p,
                                 what="a firewall mark (1-4294967295, decimal or 0x hex)", allow_hex=True),
         "tproxy_table": _integer("sidecar_tproxy_table", v["sidecar_tproxy_table"], 1, MAX_U32 - 1, p,
@@ -376,6 +399,8 @@ def validate(raw):
               "table %d is the kernel's '%s' table" % (table, RESERVED_TABLES[table]))
     listeners = [("sidecar_inbound_port", out["inbound_port"]), ("sidecar_outbound_port", out["outbound_port"]),
                  ("sidecar_admin_port", out["admin_port"])]
+    if out["metrics_address"]:
+        listeners.append(("sidecar_proxy_metrics_port", out["metrics_port"]))
     for i, (a, pa) in enumerate(listeners):
         for b, pb in listeners[i + 1:]:
             if pa is not None and pa == pb:
@@ -385,6 +410,10 @@ def validate(raw):
         if both:
             p.add("sidecar_inbound_ports", v["sidecar_inbound_ports"],
                   "port(s) %s are also in sidecar_inbound_exclude_ports" % ", ".join(map(str, both)))
+    if out["metrics_address"] and isinstance(out["inbound_ports"], list) and out["metrics_port"] in out["inbound_ports"]:
+        p.add("sidecar_inbound_ports", v["sidecar_inbound_ports"],
+              "port %d is the proxy's metrics listener (sidecar_proxy_metrics_port), which is never captured"
+              % out["metrics_port"])
     if isinstance(out["outbound_include_ports"], list):
         if not out["outbound_include_ports"]:
             p.add("sidecar_outbound_include_ports", v["sidecar_outbound_include_ports"],
@@ -480,7 +509,9 @@ def resolve(settings, host=None, management_ports=()):
             errors.append("sidecar_inbound_ports=%s: port(s) %s carry the management connection (Ansible's "
                           "port or sshd); capturing them could cut this very connection"
                           % (_show(settings["inbound_ports"]), ", ".join(map(str, cut))))
-    out["inbound_exclude_ports"] = sorted(set(settings["inbound_exclude_ports"]) | set(mgmt))
+    # the proxy's metrics listener on a host address: scrapes from other hosts reach it directly
+    metrics = [settings["metrics_port"]] if settings.get("metrics_address") else []
+    out["inbound_exclude_ports"] = sorted(set(settings["inbound_exclude_ports"]) | set(mgmt) | set(metrics))
     out["user_inbound_exclude_ports"] = settings["inbound_exclude_ports"]
     return out, errors
 

@@ -98,6 +98,8 @@ settings:
     inbound_port: 15006
     outbound_port: 15001
     admin_port: 15000
+    metrics_address: ""
+    metrics_port: 15090
     tproxy_mark: 1337
     tproxy_mark_hex: "0x539"
     tproxy_table: 133

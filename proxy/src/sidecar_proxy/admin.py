@@ -1,26 +1,32 @@
-"""The admin HTTP endpoints (/ready, /metrics, /stats) served from the event loop."""
+"""The admin HTTP endpoints (/ready, /metrics, /stats) served from the event loop, and the optional
+read-only metrics listener (`metrics_address`: GET /metrics only, nothing else), both capped."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
 
-from . import __version__
+from . import __version__, netutil
+from .config import Config
 from .forwarding import EPOLLIN, EPOLLRDHUP, Forwarding
 from .listeners import Listener
 
+log = logging.getLogger("sidecar_proxy")
+
 
 class AdminConn:
-    __slots__ = ("sock", "data", "deadline")
+    __slots__ = ("sock", "data", "deadline", "metrics_only")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, metrics_only: bool = False) -> None:
         self.sock = sock
         self.data = b""
         self.deadline = deadline
+        self.metrics_only = metrics_only  # accepted on the metrics listener: GET /metrics only
 
 
 class Admin(Forwarding):
@@ -34,32 +40,96 @@ class Admin(Forwarding):
     ready: bool
     draining: bool
     started: float
+    # the metrics listener (class defaults: nothing bound until metrics_commit binds one)
+    metrics_sock: socket.socket | None = None
+    metrics_bound: tuple[str, int] | None = None
+    metrics_paused: bool = False
+    metrics_open: int = 0  # its connections in admin_conns, capped apart from the admin ones
 
     # ------------------------------------------------------------------ admin HTTP
     def admin_accept(self, _events: int) -> None:
         assert self.admin_sock is not None
+        self.http_accept(self.admin_sock, metrics_only=False)
+
+    def metrics_accept(self, _events: int) -> None:
+        assert self.metrics_sock is not None
+        self.http_accept(self.metrics_sock, metrics_only=True)
+
+    def http_accept(self, listen: socket.socket, metrics_only: bool) -> None:
+        """Accept admin or metrics clients, each listener capped at admin_max_connections on its own, so
+        scrapers cannot lock out the local readiness check, nor either take the fds the data path needs."""
         for _attempt in range(16):
             try:
-                sock, _addr = self.admin_sock.accept()
+                sock, _addr = listen.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.metrics.error("accept")
-                    self.admin_paused = True  # level-triggered: do not spin, retry at the next sweep
+                    # level-triggered: do not spin, retry at the next sweep
+                    if metrics_only:
+                        self.metrics_paused = True
+                    else:
+                        self.admin_paused = True
                     with contextlib.suppress(OSError, ValueError):
-                        self.ep.modify(self.admin_sock.fileno(), 0)
+                        self.ep.modify(listen.fileno(), 0)
                 return
-            if len(self.admin_conns) >= self.cfg.admin_max_connections:
+            open_now = self.metrics_open if metrics_only else len(self.admin_conns) - self.metrics_open
+            if open_now >= self.cfg.admin_max_connections:
                 # admin clients share the fd limit with the data path: the excess is reset at once
-                self.metrics.admin_rejected += 1
+                if metrics_only:
+                    self.metrics.metrics_rejected += 1
+                else:
+                    self.metrics.admin_rejected += 1
                 self.reset_close(sock)
                 continue
             sock.setblocking(False)
             fd = sock.fileno()
-            self.admin_conns[fd] = AdminConn(sock, self.now + 5.0)
+            self.admin_conns[fd] = AdminConn(sock, self.now + 5.0, metrics_only)
+            self.metrics_open += metrics_only
             self.ep.register(fd, EPOLLIN | EPOLLRDHUP)
             self.handlers[fd] = self.admin_reader(fd)
+
+    def metrics_resume(self) -> None:
+        """The sweep's retry after the metrics listener paused on a full fd table."""
+        self.metrics_paused = False
+        if self.metrics_sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.modify(self.metrics_sock.fileno(), EPOLLIN)
+
+    def metrics_bind(self, cfg: Config) -> tuple[bool, socket.socket | None]:
+        """(changed, new socket) for the metrics listener `cfg` asks for; binds nothing when it stays
+        the same, and (True, None) when it goes away. Raises OSError when the address cannot be bound."""
+        want = (cfg.metrics_address, cfg.metrics_port) if cfg.metrics_address else None
+        if want == self.metrics_bound:
+            return False, None
+        if want is None:
+            return True, None
+        family = socket.AF_INET6 if ":" in want[0] else socket.AF_INET
+        try:
+            return True, netutil.listen_socket(family, want[0], want[1], False, 128)
+        except OSError as exc:  # name the listener: "cannot start" alone would not say which one
+            raise OSError(exc.errno, f"metrics listener {netutil.fmt(want)}: {exc.strerror}") from None
+
+    def metrics_commit(self, cfg: Config, changed: bool, sock: socket.socket | None) -> None:
+        """Swap in what metrics_bind returned; open metrics connections finish on the old socket."""
+        if not changed:
+            return
+        if self.metrics_sock is not None:
+            self.handlers.pop(self.metrics_sock.fileno(), None)
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(self.metrics_sock)
+            self.metrics_sock.close()
+        self.metrics_sock = sock
+        self.metrics_paused = False
+        self.metrics_bound = (cfg.metrics_address, cfg.metrics_port) if sock is not None else None
+        if sock is not None:
+            self.ep.register(sock.fileno(), EPOLLIN)
+            self.handlers[sock.fileno()] = self.metrics_accept
+            log.info("metrics listener on %s (GET /metrics only)",
+                     netutil.fmt((cfg.metrics_address, cfg.metrics_port)))
+        else:
+            log.info("metrics listener closed")
 
     def admin_reader(self, fd: int) -> Callable[[int], None]:
         def on_read(_events: int) -> None:
@@ -71,6 +141,7 @@ class Admin(Forwarding):
         ac = self.admin_conns.pop(fd, None)
         self.handlers.pop(fd, None)
         if ac is not None:
+            self.metrics_open -= ac.metrics_only
             ac.sock.close()
 
     def admin_read(self, fd: int) -> None:
@@ -95,7 +166,7 @@ class Admin(Forwarding):
         line = ac.data.split(b"\n", 1)[0].decode("latin-1").strip()
         parts = line.split()
         method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-        status, ctype, body = self.admin_response(method, path.split("?", 1)[0])
+        status, ctype, body = self.admin_response(method, path.split("?", 1)[0], ac.metrics_only)
         head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         try:
@@ -106,9 +177,11 @@ class Admin(Forwarding):
             pass
         self.admin_close(fd)
 
-    def admin_response(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def admin_response(self, method: str, path: str, metrics_only: bool = False) -> tuple[str, str, bytes]:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+        if metrics_only and path != "/metrics":
+            return "404 Not Found", "text/plain", b"not found: this listener serves only /metrics\n"
         if path == "/ready":
             if self.ready and not self.draining:
                 return "200 OK", "text/plain", b"ready\n"
@@ -134,7 +207,10 @@ class Admin(Forwarding):
                             "used": self.pipes.used if self.splice else self.buffers.used,
                             "waiting_flows": len(self.waiters), "waits": self.metrics.buffer_waits},
                 "admin": {"max_connections": self.cfg.admin_max_connections,
-                          "open": len(self.admin_conns), "rejected": self.metrics.admin_rejected},
+                          "open": len(self.admin_conns) - self.metrics_open,
+                          "rejected": self.metrics.admin_rejected},
+                "metrics_listener": {"address": self.metrics_bound and netutil.fmt(self.metrics_bound),
+                                     "open": self.metrics_open, "rejected": self.metrics.metrics_rejected},
                 "listeners": [{"direction": lst.direction, "port": lst.port,
                                "family": "ipv6" if lst.family == socket.AF_INET6 else "ipv4",
                                "tproxy": lst.tproxy} for lst in self.listeners.values()],

@@ -30,6 +30,9 @@ class Config:
     admin_port: int = 15000
     admin_allow_remote: bool = False
     admin_max_connections: int = 16
+    # the read-only metrics listener (GET /metrics only): "" = off, else an address of the host
+    metrics_address: str = ""
+    metrics_port: int = 15090
     ipv6: bool = False
     passthrough_source_v4: str = "127.0.0.6"
     passthrough_source_v6: str = "::6"
@@ -108,6 +111,14 @@ def _address(key: str, value: Any, version: int | None = None) -> str:
     return str(addr)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise _bad(key, value, "must be one of " + ", ".join(choices))
@@ -151,10 +162,14 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Config:
     for key, value in data.items():
         if key == "mode":
             out[key] = _choice(key, value, MODES)
-        elif key in ("inbound_port", "outbound_port", "admin_port"):
+        elif key in ("inbound_port", "outbound_port", "admin_port", "metrics_port"):
             out[key] = _port(key, value)
         elif key == "admin_address":
             out[key] = _address(key, value)
+        elif key == "metrics_address":
+            if value != "" and not (isinstance(value, str) and _is_ip(value)):
+                raise _bad(key, value, 'must be "" (no metrics listener) or an IP address of the host')
+            out[key] = "" if value == "" else _address(key, value)
         elif key == "passthrough_source_v4":
             out[key] = _address(key, value, 4)
         elif key == "passthrough_source_v6":
@@ -189,6 +204,8 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Config:
                    'set "admin_allow_remote": true to listen there anyway')
     ports = {"inbound_port": cfg.inbound_port, "outbound_port": cfg.outbound_port,
              "admin_port": cfg.admin_port}
+    if cfg.metrics_address:
+        ports["metrics_port"] = cfg.metrics_port
     seen: dict[int, str] = {}
     for key, port in ports.items():
         if port in seen:

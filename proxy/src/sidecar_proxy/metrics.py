@@ -39,6 +39,7 @@ class Metrics:
         self.access_log_dropped = 0
         self.reload_last_error: str | None = None
         self.admin_rejected = 0
+        self.metrics_rejected = 0
         self.buffer_waits = 0
         # gauges the server sets before rendering
         self.buffered_bytes = 0
@@ -108,6 +109,10 @@ class Metrics:
             "admin_max_connections were open.",
             "# TYPE sidecar_proxy_admin_rejected_total counter",
             f"sidecar_proxy_admin_rejected_total {self.admin_rejected}",
+            "# HELP sidecar_proxy_metrics_rejected_total Connections to the metrics listener reset because "
+            "admin_max_connections were open there.",
+            "# TYPE sidecar_proxy_metrics_rejected_total counter",
+            f"sidecar_proxy_metrics_rejected_total {self.metrics_rejected}",
             "# HELP sidecar_proxy_buffer_bytes Bytes of copy buffers (or pipe capacity) flows hold now.",
             "# TYPE sidecar_proxy_buffer_bytes gauge",
             f"sidecar_proxy_buffer_bytes {self.buffered_bytes}",

@@ -87,6 +87,7 @@ class Server(Listeners, Admin):
                  if spec not in wanted and (lst.family, lst.port) in needed]
         for lst in early:
             self.close_listener(lst)
+        metrics: tuple[bool, socket.socket | None] = (False, None)
         try:
             for spec in wanted:
                 if spec in self.listeners:
@@ -94,6 +95,7 @@ class Server(Listeners, Admin):
                 new[spec] = self.bind_listener(spec)
             if admin_changed:
                 admin = netutil.listen_socket(admin_fam, cfg.admin_address, cfg.admin_port, False, 128)
+            metrics = self.metrics_bind(cfg)
             # stdout stays one sink (two writer threads could interleave partial writes); a file is
             # reopened on every reload, which is what log rotation needs
             keep = self.access is not None and cfg.access_log == "-" and self.access.path == "-"
@@ -103,6 +105,8 @@ class Server(Listeners, Admin):
                 lst.sock.close()
             if admin is not None:
                 admin.close()
+            if metrics[1] is not None:
+                metrics[1].close()
             for old in early:
                 try:
                     self.add_listener(self.bind_listener(old.spec))
@@ -123,6 +127,7 @@ class Server(Listeners, Admin):
             self.admin_sock = admin
             self.ep.register(admin.fileno(), EPOLLIN)
             self.handlers[admin.fileno()] = self.admin_accept
+        self.metrics_commit(cfg, *metrics)
         if self.access is not None and self.access is not access:
             self.flush_access_log()
             self.access.close()  # its thread writes what is queued, then closes a file (not stdout)
@@ -131,6 +136,8 @@ class Server(Listeners, Admin):
         self.buffers.set_budget(cfg.buffer_budget)
         self.pipes.budget = cfg.buffer_budget
         self.own_ports = {cfg.inbound_port, cfg.outbound_port, cfg.admin_port}
+        if cfg.metrics_address:
+            self.own_ports.add(cfg.metrics_port)
         self.local.clear()
         v4, v6 = cfg.passthrough_source_v4, cfg.passthrough_source_v6
         self.pt_v4 = v4 if netutil.can_bind(socket.AF_INET, v4) else None
@@ -178,6 +185,8 @@ class Server(Listeners, Admin):
             self.admin_paused = False
             with contextlib.suppress(OSError, ValueError):
                 self.ep.modify(self.admin_sock.fileno(), EPOLLIN)
+        if self.metrics_paused:
+            self.metrics_resume()
         if self.connecting:
             limit = self.cfg.connect_timeout
             for conn in [c for c in self.connecting if now - c.t_connect >= limit]:

@@ -246,3 +246,37 @@ def test_a_mark_that_collides_with_the_hosts_policy_routing_fails_before_the_cha
     assert 'collides with the host\'s policy routing: ip -4 rule "100: fwmark 0x1/0x1 lookup 200"' in errors[0]
     assert effective({"sidecar_mode": "redirect"}, host)[0] is not None       # no mark in redirect mode
     assert effective({"sidecar_mode": "tproxy", "sidecar_state": "absent"}, host)[0] is not None
+
+
+def test_metrics_listener_is_off_by_default_and_its_port_never_captured_when_on():
+    s = ok()
+    assert (s["metrics_address"], s["metrics_port"]) == ("", 15090)
+    resolved, errors = resolve(s, management_ports=[22])
+    assert not errors and 15090 not in resolved["inbound_exclude_ports"]
+    s = ok(sidecar_proxy_metrics_address=" 10.0.0.5 ", sidecar_proxy_metrics_port="9100")
+    assert (s["metrics_address"], s["metrics_port"]) == ("10.0.0.5", 9100)
+    resolved, errors = resolve(s, management_ports=[22])
+    assert not errors
+    assert resolved["inbound_exclude_ports"] == [22, 9100]
+    assert resolved["user_inbound_exclude_ports"] == [22]
+    assert ok(sidecar_proxy_metrics_address="FD00::0:5")["metrics_address"] == "fd00::5"
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"sidecar_proxy_metrics_address": "10.0.0.300"},
+     'sidecar_proxy_metrics_address="10.0.0.300": must be empty (no metrics listener) or an IP address'),
+    ({"sidecar_proxy_metrics_address": True}, "sidecar_proxy_metrics_address=true: must be empty"),
+    ({"sidecar_proxy_metrics_address": "0.0.0.0", "sidecar_proxy_metrics_port": 0},
+     "sidecar_proxy_metrics_port=0: 0 is out of range"),
+    ({"sidecar_proxy_metrics_address": "0.0.0.0", "sidecar_proxy_metrics_port": 15000},
+     "sidecar_proxy_metrics_port=15000: the same port as sidecar_admin_port"),
+    ({"sidecar_proxy_metrics_address": "0.0.0.0", "sidecar_inbound_ports": [8080, 15090]},
+     "port 15090 is the proxy's metrics listener"),
+])
+def test_bad_metrics_listener_settings_are_named(raw, message):
+    assert message in bad(**raw)
+
+
+def test_metrics_port_is_free_while_the_listener_is_off():
+    assert ok(sidecar_proxy_metrics_port=15000)["metrics_port"] == 15000
+    assert ok(sidecar_inbound_ports=[15090])["inbound_ports"] == [15090]
