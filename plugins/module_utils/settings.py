@@ -502,10 +502,30 @@ def _overlap(a, b):
     return bool(common) and (a[0] ^ b[0]) & common == 0
 
 
-def effective(raw, host=None, management_ports=()):
+def account_warnings(settings, host, account=("sidecar-proxy", "sidecar-proxy")):
+    """Warnings when the proxy's UID or GID belongs to another account of the host (e.g. nobody, 65534).
+
+    The capture's owner match lets every process of that UID/GID bypass the proxy. host: capture_facts'
+    host facts ('accounts': {'uid': name, 'gid': name}); account: the proxy's own user and group names.
+    """
+    out = []
+    owners = (host or {}).get("accounts") or {}
+    if settings.get("state") != "present":
+        return out
+    for key, kind, what, own in (("uid", "UID", "user", account[0]), ("gid", "GID", "group", account[1])):
+        name = owners.get(key)
+        if name and name != own:
+            out.append("sidecar_proxy_%s=%d belongs to %s '%s' on this host, not to the proxy's own %s '%s': every "
+                       "process with that %s bypasses the capture (the rules exclude the proxy by owner); give the "
+                       "proxy a %s of its own" % (key, settings["proxy_" + key], what, name, what, own, kind, kind))
+    return out
+
+
+def effective(raw, host=None, management_ports=(), account=("sidecar-proxy", "sidecar-proxy")):
     """validate() then resolve(): (resolved or None, errors, warnings)."""
     settings, errors, warnings = validate(raw)
     if errors:
         return None, errors, warnings
     resolved, errors = resolve(settings, host, management_ports)
+    warnings = list(warnings) + account_warnings(settings, host, account)
     return (None if errors else resolved), errors, warnings

@@ -42,6 +42,12 @@ options:
         there is compared with the kernel (C(deployment)).
     type: path
     default: /etc/sidecar-intercept
+  proxy_uid:
+    description: The proxy's UID; C(host.accounts.uid) names the account that owns it on the host.
+    type: int
+  proxy_gid:
+    description: The proxy's GID; C(host.accounts.gid) names the group that owns it on the host.
+    type: int
   families:
     description: Address families to report.
     type: list
@@ -84,7 +90,8 @@ ansible_facts:
         - Backend, then one entry per family, then C(host) - what the settings resolve against -
           C(ipv6.enabled) (the kernel has IPv6 on), C(ipv6.global) (a global IPv6 address exists),
           C(ssh_ports) (TCP ports sshd listens on), C(fwmarks) (every fwmark policy rule) and C(tools)
-          (whether the iptables and nft commands exist).
+          (whether the iptables and nft commands exist), C(accounts) (the user and group names of
+          O(proxy_uid) and O(proxy_gid) on the host, null when no account has them or they were not given).
         - C(nftables) (when C(nft) exists) - the table C(inet sidecar_intercept) of the native backend,
           its chains with each rule's counters and its sets.
         - C(deployment) - the capture the role deployed (O(config_dir)) against the kernel -
@@ -123,10 +130,13 @@ ansible_facts:
           ssh_ports: [22, 2222]
           fwmarks: [{family: ipv4, fwmark: "0x539", mask: "0xfff", not: false, table: "133", priority: 32765}]
           tools: {iptables: true, nft: true}
+          accounts: {uid: sidecar-proxy, gid: sidecar-proxy}
 """
 
+import grp
 import json
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
@@ -219,6 +229,20 @@ def _host_facts(module):
             "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools}
 
 
+def _accounts(uid, gid):
+    """Names of the user that has uid and the group that has gid on this host (None: none, or not asked)."""
+    out = {"uid": None, "gid": None}
+    try:
+        out["uid"] = pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:
+        pass
+    try:
+        out["gid"] = grp.getgrgid(gid).gr_name if gid is not None else None
+    except KeyError:
+        pass
+    return out
+
+
 def _read(path):
     with open(path, encoding="utf-8") as fh:
         return fh.read()
@@ -274,12 +298,15 @@ def main():
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
             require_backend=dict(type="bool", default=True),
             config_dir=dict(type="path", default="/etc/sidecar-intercept"),
+            proxy_uid=dict(type="int"),
+            proxy_gid=dict(type="int"),
         ),
         supports_check_mode=True,
     )
     p = module.params
     backend = detect_backend(module, p["backend"], required=p["require_backend"])
     host = _host_facts(module)
+    host["accounts"] = _accounts(p["proxy_uid"], p["proxy_gid"])
     facts = {"backend": backend, "host": host}
     for family in (p["families"] if backend else []):
         flag = "-6" if family == "ipv6" else "-4"

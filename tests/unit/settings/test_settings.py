@@ -246,3 +246,45 @@ def test_a_mark_that_collides_with_the_hosts_policy_routing_fails_before_the_cha
     assert 'collides with the host\'s policy routing: ip -4 rule "100: fwmark 0x1/0x1 lookup 200"' in errors[0]
     assert effective({"sidecar_mode": "redirect"}, host)[0] is not None       # no mark in redirect mode
     assert effective({"sidecar_mode": "tproxy", "sidecar_state": "absent"}, host)[0] is not None
+
+
+def test_a_proxy_uid_or_gid_of_another_account_is_warned_about():
+    """sidecar_proxy_uid=65534 (nobody) was accepted silently: every process of nobody bypassed the capture."""
+    host = dict(HOST_V4, accounts={"uid": "nobody", "gid": "nogroup"})
+    r, errors, warnings = effective({"sidecar_proxy_uid": 65534, "sidecar_proxy_gid": 65534}, host)
+    assert r is not None and not errors
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("sidecar_proxy_uid=65534 belongs to user 'nobody' on this host, not to the "
+                                  "proxy's own user 'sidecar-proxy'")
+    assert "sidecar_proxy_gid=65534 belongs to group 'nogroup'" in warnings[1]
+    own = dict(HOST_V4, accounts={"uid": "sidecar-proxy", "gid": "sidecar-proxy"})
+    assert effective({}, own)[2] == []
+    assert effective({}, dict(HOST_V4, accounts={"uid": None, "gid": None}))[2] == []  # first install
+    assert effective({}, dict(HOST_V4, accounts={"uid": "envoy", "gid": "envoy"}), (), ("envoy", "envoy"))[2] == []
+    assert effective({"sidecar_state": "absent"}, host)[2] == []
+
+
+def test_capture_facts_names_the_owners_of_the_proxy_ids():
+    import grp
+    import pwd
+
+    from ansible_collections.sidecar.intercept.plugins.modules.capture_facts import _accounts
+    root = _accounts(0, 0)
+    assert root == {"uid": pwd.getpwuid(0).pw_name, "gid": grp.getgrgid(0).gr_name}
+    unused = next(i for i in range(4000000, 4000100) if not _has_id(i))
+    assert _accounts(unused, unused) == {"uid": None, "gid": None}
+    assert _accounts(None, None) == {"uid": None, "gid": None}
+
+
+def _has_id(i):
+    import grp
+    import pwd
+    try:
+        pwd.getpwuid(i)
+        return True
+    except KeyError:
+        try:
+            grp.getgrgid(i)
+            return True
+        except KeyError:
+            return False
