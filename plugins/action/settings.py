@@ -111,6 +111,8 @@ class ActionModule(ActionBase):
                 facts["sidecar_capture"] = dict(facts["sidecar_capture"],
                                                 resolved_from={"key": key, "require_backend": require})
             host = dict(facts["sidecar_capture"]["host"], backend=facts["sidecar_capture"]["backend"])
+            if not require:
+                host["firewall"] = []  # the proxy role captures nothing: the host firewall does not concern it
         resolved, errors, warnings = effective(raw, host, management, self._proxy_account(task_vars))
         if errors:
             return dict(result, failed=True, errors=errors,

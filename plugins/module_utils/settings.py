@@ -131,6 +131,16 @@ SETTINGS = [
              "IFACE to CIDR (the bridge's own network) is not captured. The outbound include/exclude settings apply.",
              "Empty (default) - forwarded traffic of bridges and routing is never captured."],
             roles=CAPTURE, elements="str"),
+    Setting("sidecar_capture_firewall_check", "raw", True,
+            ["In C(redirect) mode, refuse a host whose firewall filters inbound traffic (ufw, firewalld, an "
+             "iptables INPUT or nftables input chain with policy drop), naming it: REDIRECT rewrites the "
+             "destination port to O(sidecar_inbound_port) before the firewall sees it, so a default-deny "
+             "firewall drops every captured connection, and firewalld (which accepts every redirected "
+             "connection) would let ports closed in its zone through the proxy. C(tproxy) mode keeps the "
+             "port, so the firewall decides as before: use it on such hosts.",
+             "C(false) skips the check (you opened the proxy's inbound port and accept that every captured "
+             "port is then reachable). C(true)/C(false), C(yes)/C(no) work too."],
+            roles=CAPTURE),
     Setting("sidecar_capture_backend", "str", "auto",
             ["How the rules reach the kernel. C(legacy), C(nft) (iptables over nf_tables) and C(plain) (the "
              "C(iptables) binaries as installed) load iptables-restore text into owned chains; C(nftables) "
@@ -306,20 +316,20 @@ def _bridges(name, value, problems):
     return out
 
 
-def _bool_or_auto(name, value, problems):
+def _bool_or_auto(name, value, problems, auto=True):
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()
-        if text == "auto":
+        if text == "auto" and auto:
             return "auto"
         if text in _TRUE:
             return True
         if text in _FALSE:
             return False
-    problems.add(name, value, "must be auto, true or false")
+    problems.add(name, value, "must be auto, true or false" if auto else "must be true or false")
     return None
 
 
@@ -360,6 +370,8 @@ def validate(raw):
         "tproxy_mask": _integer("sidecar_tproxy_mask", v["sidecar_tproxy_mask"], 1, MAX_U32, p,
                                 what="a mark mask (0x1-0xffffffff, decimal or 0x hex)", allow_hex=True),
         "ipv6": _bool_or_auto("sidecar_ipv6", v["sidecar_ipv6"], p),
+        "capture_firewall_check": _bool_or_auto("sidecar_capture_firewall_check", v["sidecar_capture_firewall_check"],
+                                                p, auto=False),
     }
     includes = _cidr_list("sidecar_outbound_include_cidrs", v["sidecar_outbound_include_cidrs"], p, star=True)
     excludes = _cidr_list("sidecar_outbound_exclude_cidrs", v["sidecar_outbound_exclude_cidrs"], p)
@@ -464,6 +476,16 @@ def resolve(settings, host=None, management_ports=()):
                                                           "-6" if rule.get("family") == "ipv6" else "-4",
                                                           rule.get("priority"), rule.get("fwmark"),
                                                           "/" + rule["mask"] if rule.get("mask") else "", rule.get("table")))
+
+    firewalls = host.get("firewall") or []
+    if (settings["mode"] == "redirect" and settings["state"] == "present" and settings["capture_firewall_check"]
+            and firewalls):
+        errors.append("sidecar_mode=redirect: this host's firewall filters inbound traffic (%s). REDIRECT rewrites "
+                      "the destination port to the proxy's %d before the firewall sees it: a default-deny firewall "
+                      "drops every captured connection, and firewalld, which accepts redirected connections, would "
+                      "open the ports its zone keeps closed through the proxy. Use sidecar_mode=tproxy (the firewall "
+                      "then decides on the app's port), or set sidecar_capture_firewall_check=false if you opened "
+                      "port %d yourself" % ("; ".join(firewalls), settings["inbound_port"], settings["inbound_port"]))
 
     mgmt = []
     for port in list(management_ports) + list(host.get("ssh_ports") or []):

@@ -288,3 +288,20 @@ def _has_id(i):
             return True
         except KeyError:
             return False
+
+
+def test_redirect_mode_behind_a_filtering_firewall_is_refused_naming_it():
+    """REDIRECT behind ufw / nft policy drop dropped every captured connection, and behind firewalld opened the
+    ports its zone keeps closed (tests/integration/capture/test_firewall.py): refused before the change."""
+    host = dict(HOST_V4, firewall=["ufw (iptables-nft)", "iptables-nft filter INPUT policy DROP"])
+    r, errors, _w = effective({}, host)
+    assert r is None and len(errors) == 1, errors
+    assert errors[0].startswith("sidecar_mode=redirect: this host's firewall filters inbound traffic (ufw (iptables-nft); "
+                                "iptables-nft filter INPUT policy DROP). REDIRECT rewrites the destination port to "
+                                "the proxy's 15006")
+    assert "Use sidecar_mode=tproxy" in errors[0] and "sidecar_capture_firewall_check=false" in errors[0]
+    assert effective({"sidecar_mode": "tproxy"}, host)[0] is not None
+    assert effective({"sidecar_state": "absent"}, host)[0] is not None
+    assert effective({"sidecar_capture_firewall_check": "no"}, host)[0] is not None
+    assert effective({}, dict(HOST_V4, firewall=[]))[0] is not None
+    assert 'sidecar_capture_firewall_check="auto": must be true or false' in bad(sidecar_capture_firewall_check="auto")
