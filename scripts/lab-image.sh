@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
-# Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft ...]   (default: bookworm)
+# Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft|bookworm-fw ...]   (default: bookworm)
 # The image $SIDECAR_LAB_IMAGE:<name> (default localhost/sidecar-lab:<name>) carries the hash of its
 # recipe as the label sidecar.recipe; it is rebuilt only when missing or when the recipe changed.
 # Another SIDECAR_LAB_IMAGE (e.g. localhost/sidecar-lab-mine) builds and tests a changed recipe without
@@ -16,13 +16,18 @@ setup_podman
 # The image "trixie-nft" is a native-nftables host: Debian 13 with nftables and without the iptables package.
 PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates"
 NFT_PACKAGES="${PACKAGES/iptables/nftables}"
+# The image "bookworm-fw" is a host with firewalls and sshd (molecule/firewall): ufw (disabled until a
+# scenario enables it), firewalld (masked: it runs only where a scenario unmasks it), nftables, openssh-server
+# (host keys are made at first start, not kept in the image).
+FW_PACKAGES="$PACKAGES,ufw,firewalld,nftables,openssh-server"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
 IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
 
-build() {  # build NAME SUITE PACKAGES
-  local suite="$2" image="$IMAGE_NAME:$1" packages="$3" recipe have rootfs
-  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" | sha256sum | cut -c1-16)"
+build() {  # build NAME SUITE PACKAGES [FINISH]   (FINISH: a function run on the rootfs, part of the recipe)
+  local suite="$2" image="$IMAGE_NAME:$1" packages="$3" finish="${4:-}" recipe have rootfs
+  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" ${finish:+"$(declare -f "$finish")"} \
+    | sha256sum | cut -c1-16)"
   have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
   if [ "$have" = "$recipe" ]; then
     log "image $image is up to date (recipe $recipe)"
@@ -40,6 +45,7 @@ build() {  # build NAME SUITE PACKAGES
   for unit in systemd-remount-fs.service getty@tty1.service console-getty.service systemd-firstboot.service; do
     ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
   done
+  [ -z "$finish" ] || "$finish" "$rootfs"
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
   tar -C "$rootfs" -c . | podman import \
     --change 'CMD ["/sbin/init"]' \
@@ -49,12 +55,21 @@ build() {  # build NAME SUITE PACKAGES
   log "built $image (recipe $recipe)"
 }
 
+finish_fw() {  # firewalld only where a scenario unmasks it; sshd makes its host keys at first start
+  ln -sf /dev/null "$1/etc/systemd/system/firewalld.service"
+  rm -f "$1"/etc/ssh/ssh_host_*
+  mkdir -p "$1/etc/systemd/system/ssh.service.d"
+  printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+    >"$1/etc/systemd/system/ssh.service.d/host-keys.conf"
+}
+
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(bookworm)
 for s in "${suites[@]}"; do
   case "$s" in
     bookworm|trixie) build "$s" "$s" "$PACKAGES" ;;
     trixie-nft) build "$s" trixie "$NFT_PACKAGES" ;;
-    *) die "unknown image '$s' (expected bookworm, trixie or trixie-nft)" ;;
+    bookworm-fw) build "$s" bookworm "$FW_PACKAGES" finish_fw ;;
+    *) die "unknown image '$s' (expected bookworm, trixie, trixie-nft or bookworm-fw)" ;;
   esac
 done
