@@ -20,8 +20,6 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
