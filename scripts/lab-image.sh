@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the systemd host image for the lab and Molecule from Debian packages (no registry is reachable).
-# Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft ...]   (default: bookworm)
+# Usage: scripts/lab-image.sh [bookworm|trixie|trixie-nft|bookworm-fw ...]   (default: bookworm)
 # The image $SIDECAR_LAB_IMAGE:<name> (default localhost/sidecar-lab:<name>) carries the hash of its
 # recipe as the label sidecar.recipe; it is rebuilt only when missing or when the recipe changed.
 # Another SIDECAR_LAB_IMAGE (e.g. localhost/sidecar-lab-mine) builds and tests a changed recipe without
@@ -16,6 +16,11 @@ setup_podman
 # The image "trixie-nft" is a native-nftables host: Debian 13 with nftables and without the iptables package.
 PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates"
 NFT_PACKAGES="${PACKAGES/iptables/nftables}"
+# The image "bookworm-fw" is a host with firewalls and sshd (molecule/firewall): the bookworm image plus
+# ufw (disabled until a scenario enables it), firewalld (masked: it runs only where a scenario unmasks it),
+# nftables and openssh-server (host keys are made at first start, not kept in the image). It is built in
+# a running container of the bookworm image (firewalld's polkitd does not configure under debootstrap).
+FW_PACKAGES="ufw firewalld nftables openssh-server"
 MIRROR="${SIDECAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RECIPE_VERSION=3
 IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
@@ -49,12 +54,48 @@ build() {  # build NAME SUITE PACKAGES
   log "built $image (recipe $recipe)"
 }
 
+derive() {  # derive NAME BASE PACKAGES FINISH: BASE's image plus apt packages, installed in a running container
+  local image="$IMAGE_NAME:$1" base="$IMAGE_NAME:$2" packages="$3" finish="$4" recipe have ctr
+  build "$2" "${2%%-*}" "$PACKAGES"
+  recipe="$(printf '%s\n' "$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$base")" \
+    "$packages" "$MIRROR" "$(declare -f "$finish")" | sha256sum | cut -c1-16)"
+  have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
+  if [ "$have" = "$recipe" ]; then
+    log "image $image is up to date (recipe $recipe)"
+    return 0
+  fi
+  log "building $image from $base (apt-get install $packages)"
+  ctr="$(podman run -d --systemd=always --cap-add NET_ADMIN,NET_RAW "$base" /sbin/init)"
+  # shellcheck disable=SC2064
+  trap "podman rm -f '$ctr' >/dev/null 2>&1 || true" RETURN
+  podman exec "$ctr" sh -c 'systemctl is-system-running --wait >/dev/null 2>&1 || true'  # /tmp is mounted by then
+  # (apt's _apt sandbox user cannot run gpgv in these containers: apt runs as root here)
+  podman exec "$ctr" sh -c "echo 'deb $MIRROR ${2%%-*} main' >/etc/apt/sources.list &&
+    apt-get -o APT::Sandbox::User=root update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o APT::Sandbox::User=root \
+    install -y -qq --no-install-recommends $packages >/dev/null &&
+    rm -rf /var/cache/apt/archives/*.deb /var/lib/apt/lists/*" || die "apt-get install in $base failed"
+  podman exec "$ctr" sh -c "$(declare -f "$finish"); $finish /"
+  podman stop -t 5 "$ctr" >/dev/null
+  podman commit --change 'CMD ["/sbin/init"]' --change "LABEL sidecar.recipe=$recipe" "$ctr" "$image" >/dev/null
+  log "built $image (recipe $recipe)"
+}
+
+finish_fw() {  # firewalld only where a scenario unmasks it; sshd makes its host keys at first start
+  systemctl disable firewalld.service ssh.service >/dev/null 2>&1 || true
+  ln -sf /dev/null "$1/etc/systemd/system/firewalld.service"
+  rm -f "$1"/etc/ssh/ssh_host_*
+  mkdir -p "$1/etc/systemd/system/ssh.service.d"
+  printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
+    >"$1/etc/systemd/system/ssh.service.d/host-keys.conf"
+}
+
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(bookworm)
 for s in "${suites[@]}"; do
   case "$s" in
     bookworm|trixie) build "$s" "$s" "$PACKAGES" ;;
     trixie-nft) build "$s" trixie "$NFT_PACKAGES" ;;
-    *) die "unknown image '$s' (expected bookworm, trixie or trixie-nft)" ;;
+    bookworm-fw) derive "$s" bookworm "$FW_PACKAGES" finish_fw ;;
+    *) die "unknown image '$s' (expected bookworm, trixie, trixie-nft or bookworm-fw)" ;;
   esac
 done

@@ -103,6 +103,7 @@ stage_molecule() {
   local s scenarios
   scenarios="${SIDECAR_SCENARIOS:-$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort)}"
   bash scripts/lab-image.sh bookworm trixie trixie-nft || { record "lab images" 1 /dev/null; return; }
+  case " ${scenarios//$'\n'/ } " in *" firewall "*) bash scripts/lab-image.sh bookworm-fw || { record "lab image bookworm-fw" 1 /dev/null; return; } ;; esac
   for s in $scenarios; do
     dual_stack_network "$s"
     check "molecule $s" molecule test -s "$s"

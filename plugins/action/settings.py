@@ -54,6 +54,11 @@ class ActionModule(ActionBase):
             port = self._templar.template(task_vars.get("ansible_port", task_vars.get("ansible_ssh_port", 22)))
         return [port]
 
+    def _proxy_account(self, task_vars):
+        """The proxy's own user and group names (the proxy role's sidecar_proxy_user/_group, or their defaults)."""
+        return tuple(str(self._templar.template(task_vars.get(name, "sidecar-proxy")))
+                     for name in ("sidecar_proxy_user", "sidecar_proxy_group"))
+
     def _cache_key(self, raw, management, gather):
         """What the facts were resolved from: the raw settings, the connection's port and the play."""
         if not gather:
@@ -96,7 +101,8 @@ class ActionModule(ActionBase):
             cap = self._execute_module(
                 module_name="sidecar.intercept.capture_facts",
                 module_args=dict(backend=settings["capture_backend"], table=settings["tproxy_table"],
-                                 require_backend=require),
+                                 require_backend=require, proxy_uid=settings["proxy_uid"],
+                                 proxy_gid=settings["proxy_gid"]),
                 task_vars=task_vars)
             if cap.get("failed"):
                 return dict(result, failed=True, msg=cap.get("msg", "capture_facts failed"), module_result=cap)
@@ -105,7 +111,9 @@ class ActionModule(ActionBase):
                 facts["sidecar_capture"] = dict(facts["sidecar_capture"],
                                                 resolved_from={"key": key, "require_backend": require})
             host = dict(facts["sidecar_capture"]["host"], backend=facts["sidecar_capture"]["backend"])
-        resolved, errors, _w = effective(raw, host, management)
+            if not require:
+                host["firewall"] = []  # the proxy role captures nothing: the host firewall does not concern it
+        resolved, errors, warnings = effective(raw, host, management, self._proxy_account(task_vars))
         if errors:
             return dict(result, failed=True, errors=errors,
                         msg="sidecar.intercept settings do not fit %s (nothing was changed): %s"

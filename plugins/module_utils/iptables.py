@@ -155,11 +155,24 @@ def current_state(save_text, desired):
             if name in data["chains"]:
                 chains[name] = [canonical(s) for c, s, _n in data["rules"] if c == name]
         jumps = []
+        behind = []
+        ahead = []
         owned = set(want["chains"])
+        foreign_before = set()
         for chain, spec, _n in data["rules"]:
-            if chain in BUILTIN_CHAINS[table] and _target(spec) in owned:
+            if chain not in BUILTIN_CHAINS[table]:
+                continue
+            if _target(spec) in owned:
                 jumps.append((chain, canonical(spec)))
-        state[table] = {"chains": chains, "jumps": jumps}
+                if chain in foreign_before:
+                    behind.append((chain, canonical(spec)))
+            else:
+                foreign_before.add(chain)
+                ahead.extend(j for j in jumps if j[0] == chain and j not in ahead)
+        # behind: jumps that another rule of the same built-in chain comes before (a firewall reload or a
+        # container engine restart that inserted its rules at the top); ahead: jumps that another rule
+        # comes after (a container engine that appended its DNAT jump after ours in nat PREROUTING)
+        state[table] = {"chains": chains, "jumps": jumps, "behind": behind, "ahead": ahead}
     return state
 
 
@@ -218,12 +231,20 @@ def plan(desired, current, state="present", jump_position="first"):
                     changes.append("%s: delete jump -A %s %s" % (table, jump[0], jump[1]))
                     body.append("-D %s %s" % jump)
             for jump in wanted_jumps:
+                first = jump_position == "first" and (table, jump[0]) not in ALWAYS_APPENDED
                 if jump not in seen:
                     changes.append("%s: add jump -A %s %s" % (table, jump[0], jump[1]))
-                    if jump_position == "first" and (table, jump[0]) not in ALWAYS_APPENDED:
-                        body.append("-I %s 1 %s" % jump)
-                    else:
-                        body.append("-A %s %s" % jump)
+                    body.append(("-I %s 1 %s" if first else "-A %s %s") % jump)
+                elif first and jump in have.get("behind", ()):
+                    # jump_position=first: another rule was put before ours; move ours back to the top
+                    changes.append("%s: move jump -A %s %s to the top of %s" % (table, jump[0], jump[1], jump[0]))
+                    body.append("-D %s %s" % jump)
+                    body.append("-I %s 1 %s" % jump)
+                elif (table, jump[0]) in ALWAYS_APPENDED and jump[0] in {j[0] for j in have.get("ahead", ())}:
+                    # another rule (a DNAT jump) was appended after ours: ours go back to the end, in order
+                    changes.append("%s: move jump -A %s %s to the end of %s" % (table, jump[0], jump[1], jump[0]))
+                    body.append("-D %s %s" % jump)
+                    body.append("-A %s %s" % jump)
         else:
             for jump in have["jumps"]:
                 changes.append("%s: delete jump -A %s %s" % (table, jump[0], jump[1]))

@@ -139,6 +139,16 @@ SETTINGS = [
              "IFACE to CIDR (the bridge's own network) is not captured. The outbound include/exclude settings apply.",
              "Empty (default) - forwarded traffic of bridges and routing is never captured."],
             roles=CAPTURE, elements="str"),
+    Setting("sidecar_capture_firewall_check", "raw", True,
+            ["In C(redirect) mode, refuse a host whose firewall filters inbound traffic (ufw, firewalld, an "
+             "iptables INPUT or nftables input chain with policy drop), naming it: REDIRECT rewrites the "
+             "destination port to O(sidecar_inbound_port) before the firewall sees it, so a default-deny "
+             "firewall drops every captured connection, and firewalld (which accepts every redirected "
+             "connection) would let ports closed in its zone through the proxy. C(tproxy) mode keeps the "
+             "port, so the firewall decides as before: use it on such hosts.",
+             "C(false) skips the check (you opened the proxy's inbound port and accept that every captured "
+             "port is then reachable). C(true)/C(false), C(yes)/C(no) work too."],
+            roles=CAPTURE),
     Setting("sidecar_capture_backend", "str", "auto",
             ["How the rules reach the kernel. C(legacy), C(nft) (iptables over nf_tables) and C(plain) (the "
              "C(iptables) binaries as installed) load iptables-restore text into owned chains; C(nftables) "
@@ -314,20 +324,20 @@ def _bridges(name, value, problems):
     return out
 
 
-def _bool_or_auto(name, value, problems):
+def _bool_or_auto(name, value, problems, auto=True):
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()
-        if text == "auto":
+        if text == "auto" and auto:
             return "auto"
         if text in _TRUE:
             return True
         if text in _FALSE:
             return False
-    problems.add(name, value, "must be auto, true or false")
+    problems.add(name, value, "must be auto, true or false" if auto else "must be true or false")
     return None
 
 
@@ -383,6 +393,8 @@ def validate(raw):
         "tproxy_mask": _integer("sidecar_tproxy_mask", v["sidecar_tproxy_mask"], 1, MAX_U32, p,
                                 what="a mark mask (0x1-0xffffffff, decimal or 0x hex)", allow_hex=True),
         "ipv6": _bool_or_auto("sidecar_ipv6", v["sidecar_ipv6"], p),
+        "capture_firewall_check": _bool_or_auto("sidecar_capture_firewall_check", v["sidecar_capture_firewall_check"],
+                                                p, auto=False),
     }
     includes = _cidr_list("sidecar_outbound_include_cidrs", v["sidecar_outbound_include_cidrs"], p, star=True)
     excludes = _cidr_list("sidecar_outbound_exclude_cidrs", v["sidecar_outbound_exclude_cidrs"], p)
@@ -494,6 +506,16 @@ def resolve(settings, host=None, management_ports=()):
                                                           rule.get("priority"), rule.get("fwmark"),
                                                           "/" + rule["mask"] if rule.get("mask") else "", rule.get("table")))
 
+    firewalls = host.get("firewall") or []
+    if (settings["mode"] == "redirect" and settings["state"] == "present" and settings["capture_firewall_check"]
+            and firewalls):
+        errors.append("sidecar_mode=redirect: this host's firewall filters inbound traffic (%s). REDIRECT rewrites "
+                      "the destination port to the proxy's %d before the firewall sees it: a default-deny firewall "
+                      "drops every captured connection, and firewalld, which accepts redirected connections, would "
+                      "open the ports its zone keeps closed through the proxy. Use sidecar_mode=tproxy (the firewall "
+                      "then decides on the app's port), or set sidecar_capture_firewall_check=false if you opened "
+                      "port %d yourself" % ("; ".join(firewalls), settings["inbound_port"], settings["inbound_port"]))
+
     mgmt = []
     for port in list(management_ports) + list(host.get("ssh_ports") or []):
         try:
@@ -533,10 +555,30 @@ def _overlap(a, b):
     return bool(common) and (a[0] ^ b[0]) & common == 0
 
 
-def effective(raw, host=None, management_ports=()):
+def account_warnings(settings, host, account=("sidecar-proxy", "sidecar-proxy")):
+    """Warnings when the proxy's UID or GID belongs to another account of the host (e.g. nobody, 65534).
+
+    The capture's owner match lets every process of that UID/GID bypass the proxy. host: capture_facts'
+    host facts ('accounts': {'uid': name, 'gid': name}); account: the proxy's own user and group names.
+    """
+    out = []
+    owners = (host or {}).get("accounts") or {}
+    if settings.get("state") != "present":
+        return out
+    for key, kind, what, own in (("uid", "UID", "user", account[0]), ("gid", "GID", "group", account[1])):
+        name = owners.get(key)
+        if name and name != own:
+            out.append("sidecar_proxy_%s=%d belongs to %s '%s' on this host, not to the proxy's own %s '%s': every "
+                       "process with that %s bypasses the capture (the rules exclude the proxy by owner); give the "
+                       "proxy a %s of its own" % (key, settings["proxy_" + key], what, name, what, own, kind, kind))
+    return out
+
+
+def effective(raw, host=None, management_ports=(), account=("sidecar-proxy", "sidecar-proxy")):
     """validate() then resolve(): (resolved or None, errors, warnings)."""
     settings, errors, warnings = validate(raw)
     if errors:
         return None, errors, warnings
     resolved, errors = resolve(settings, host, management_ports)
+    warnings = list(warnings) + account_warnings(settings, host, account)
     return (None if errors else resolved), errors, warnings

@@ -42,6 +42,12 @@ options:
         there is compared with the kernel (C(deployment)).
     type: path
     default: /etc/sidecar-intercept
+  proxy_uid:
+    description: The proxy's UID; C(host.accounts.uid) names the account that owns it on the host.
+    type: int
+  proxy_gid:
+    description: The proxy's GID; C(host.accounts.gid) names the group that owns it on the host.
+    type: int
   families:
     description: Address families to report.
     type: list
@@ -84,7 +90,10 @@ ansible_facts:
         - Backend, then one entry per family, then C(host) - what the settings resolve against -
           C(ipv6.enabled) (the kernel has IPv6 on), C(ipv6.global) (a global IPv6 address exists),
           C(ssh_ports) (TCP ports sshd listens on), C(fwmarks) (every fwmark policy rule) and C(tools)
-          (whether the iptables and nft commands exist).
+          (whether the iptables and nft commands exist), C(firewall) (host firewalls that filter inbound
+          traffic - ufw, firewalld, an iptables INPUT or nftables input chain with policy drop - one line
+          each), C(accounts) (the user and group names of
+          O(proxy_uid) and O(proxy_gid) on the host, null when no account has them or they were not given).
         - C(nftables) (when C(nft) exists) - the table C(inet sidecar_intercept) of the native backend,
           its chains with each rule's counters and its sets.
         - C(deployment) - the capture the role deployed (O(config_dir)) against the kernel -
@@ -123,10 +132,14 @@ ansible_facts:
           ssh_ports: [22, 2222]
           fwmarks: [{family: ipv4, fwmark: "0x539", mask: "0xfff", not: false, table: "133", priority: 32765}]
           tools: {iptables: true, nft: true}
+          firewall: ["ufw (iptables-nft)", "iptables-nft filter INPUT policy DROP"]
+          accounts: {uid: sidecar-proxy, gid: sidecar-proxy}
 """
 
+import grp
 import json
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import (
@@ -216,7 +229,59 @@ def _host_facts(module):
                                 "priority": r.get("priority")})
     tools = {"iptables": bool(module.get_bin_path("iptables-save")), "nft": bool(module.get_bin_path("nft"))}
     return {"ipv6": {"enabled": v6_enabled, "global": v6_enabled and v6_global},
-            "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools}
+            "ssh_ports": _ssh_ports(), "fwmarks": fwmarks, "tools": tools, "firewall": _firewall(module)}
+
+
+_IPTABLES_XT = {"%s %s" % (f, t) for f in ("ip", "ip6") for t in ("filter", "nat", "mangle", "raw", "security")}
+
+
+def _firewall(module):
+    """Host firewalls that filter inbound traffic, one line each (what the settings name to the user)."""
+    found = []
+    tools = [t for t in ("iptables-legacy-save", "iptables-nft-save") if module.get_bin_path(t)] or [
+        t for t in ("iptables-save",) if module.get_bin_path(t)]  # (the plain tool is one of those where they exist)
+    for tool in tools:
+        path = module.get_bin_path(tool)
+        rc, out, _err = module.run_command([path, "-t", "filter"], environ_update=dict(LANG="C", LC_ALL="C"))
+        if rc != 0:
+            continue
+        chains = [line[1:].split() for line in out.splitlines() if line.startswith(":")]
+        names = {c[0] for c in chains}
+        if any(n.startswith("ufw-") for n in names):
+            found.append("ufw (%s)" % tool[:-5])
+        if "INPUT_ZONES" in names or "INPUT_direct" in names:
+            found.append("firewalld, iptables backend (%s)" % tool[:-5])
+        if any(c[0] == "INPUT" and len(c) > 1 and c[1] == "DROP" for c in chains):
+            found.append("%s filter INPUT policy DROP" % tool[:-5])
+    path = module.get_bin_path("nft")
+    if path:
+        rc, out, _err = module.run_command([path, "list", "ruleset"], environ_update=dict(LANG="C", LC_ALL="C"))
+        table = chain = None
+        for line in out.splitlines() if rc == 0 else []:
+            text = line.strip()
+            if text.startswith("table "):
+                table, chain = " ".join(text.split()[1:3]), None
+                if table == "inet firewalld":
+                    found.append("firewalld (nftables table inet firewalld)")
+            elif text.startswith("chain "):
+                chain = text.split()[1]
+            elif table and chain and "hook input" in text and "policy drop" in text and table not in _IPTABLES_XT:
+                found.append("nftables table %s chain %s: input policy drop" % (table, chain))
+    return sorted(set(found))
+
+
+def _accounts(uid, gid):
+    """Names of the user that has uid and the group that has gid on this host (None: none, or not asked)."""
+    out = {"uid": None, "gid": None}
+    try:
+        out["uid"] = pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:
+        pass
+    try:
+        out["gid"] = grp.getgrgid(gid).gr_name if gid is not None else None
+    except KeyError:
+        pass
+    return out
 
 
 def _read(path):
@@ -274,12 +339,15 @@ def main():
             families=dict(type="list", elements="str", choices=["ipv4", "ipv6"], default=["ipv4", "ipv6"]),
             require_backend=dict(type="bool", default=True),
             config_dir=dict(type="path", default="/etc/sidecar-intercept"),
+            proxy_uid=dict(type="int"),
+            proxy_gid=dict(type="int"),
         ),
         supports_check_mode=True,
     )
     p = module.params
     backend = detect_backend(module, p["backend"], required=p["require_backend"])
     host = _host_facts(module)
+    host["accounts"] = _accounts(p["proxy_uid"], p["proxy_gid"])
     facts = {"backend": backend, "host": host}
     for family in (p["families"] if backend else []):
         flag = "-6" if family == "ipv6" else "-4"

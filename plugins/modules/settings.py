@@ -35,7 +35,10 @@ options:
     type: bool
     default: true
   require_backend:
-    description: Fail when the host has no iptables tools for the backend (the proxy role alone does not need them).
+    description:
+      - Fail when the host has no iptables tools for the backend (the proxy role alone does not need them).
+      - With C(false) the host firewall is not checked against C(sidecar_mode=redirect) either (the proxy role
+        captures nothing).
     type: bool
     default: true
 attributes:

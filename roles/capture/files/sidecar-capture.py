@@ -3,30 +3,48 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """sidecar-capture: the host-side command of the capture (sidecar-capture.service runs it at boot).
 
-    sidecar-capture start   load the rules files the role wrote, add the TPROXY policy routing
-    sidecar-capture stop    remove exactly what start added
-    sidecar-capture check   exit 1 (and say what differs) when the kernel's capture is not intact
+    sidecar-capture start    load the rules files the role wrote, add the TPROXY policy routing
+    sidecar-capture stop     remove exactly what start added
+    sidecar-capture check    exit 1 (and say what differs) when the kernel's capture is not intact
+    sidecar-capture repair   when started and not stopped since: put back what check finds missing
+    sidecar-capture watch    repair every SIDECAR_CAPTURE_INTERVAL seconds (sidecar-capture-watch.service)
+    sidecar-capture adopt    record that the capture is started (the watch unit runs it: systemd starts
+                             that unit only while sidecar-capture.service is active)
 
 It reads /etc/sidecar-intercept/capture.json (written by the role). The iptables backends use the
 very code of the iptables_chains module (its module_utils/iptables.py, installed beside this
 command): the same canonical comparison and the same --noflush payloads, so boot and Ansible can
 never disagree. The nftables backend is a plain `nft -f` of rules.nft (it replaces the table in one
-transaction). Standard library only.
+transaction), compared with module_utils/nftables.py like the nft_table module does. Standard library only.
+
+repair is the reconciler: a firewall reload (ufw reload, firewall-cmd --reload, `nft -f` with flush
+ruleset, iptables-restore of a saved ruleset, a container engine re-inserting its chains) may delete or
+reorder our jumps, chains, table or TPROXY routes. It only ever repairs a capture that `start` put in
+place and `stop` has not removed since (a marker under /run, written and removed under the same lock),
+so a fail-open capture that was removed because the proxy is down is never added back. It prints one
+line per repair (to the journal under systemd) and nothing while the capture is intact.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 CONFIG = os.environ.get("SIDECAR_CAPTURE_CONFIG", "/etc/sidecar-intercept/capture.json")
 sys.path.insert(0, os.environ.get("SIDECAR_CAPTURE_LIB", "/usr/local/lib/sidecar-intercept"))
 import iptables as ipt  # noqa: E402  (module_utils/iptables.py of the collection)
+import nftables as nftu  # noqa: E402  (module_utils/nftables.py of the collection)
 
 ENV = dict(os.environ, LANG="C", LC_ALL="C")
 NFT_TABLE = ["inet", "sidecar_intercept"]
+# "started and not stopped since" (repair acts only then) and the lock start/stop/repair take
+MARKER = os.environ.get("SIDECAR_CAPTURE_STATE", "/run/sidecar-capture.active")
+LOCK = os.environ.get("SIDECAR_CAPTURE_LOCK", "/run/sidecar-capture.lock")
 
 
 def run(args, data=None, check=True):
@@ -63,6 +81,51 @@ def nftables(conf, state):
         run(["nft", "delete", "table"] + NFT_TABLE)
 
 
+def rules_drift(conf):
+    """What differs between the rules files and the kernel (owned chains, jumps and their place, the table)."""
+    if conf["backend"] != "nftables":
+        return iptables(conf, "present", check_only=True)
+    with open(os.path.join(conf["dir"], "rules.nft"), encoding="utf-8") as fh:
+        desired = nftu.canonical(fh.read())
+    listed = run(["nft", "list", "table"] + NFT_TABLE, check=False)
+    if listed.returncode != 0:
+        return ["table inet sidecar_intercept is missing"]
+    current = nftu.canonical(listed.stdout)
+    if current == desired:
+        return []
+    return ["table inet sidecar_intercept: %s" % c for c in nftu.chain_diff(desired, current)] or [
+        "table inet sidecar_intercept differs"]
+
+
+def _ip_json(args):
+    out = run(["ip", "-j"] + args, check=False)
+    try:
+        return json.loads(out.stdout or "[]") if out.returncode == 0 else []
+    except ValueError:
+        return []
+
+
+def routes_drift(conf):
+    """What is missing of the TPROXY policy routing and of the IPv6 passthrough source ::6."""
+    drift = []
+    mark, _sep, mask = conf["mark"].partition("/")
+    want = (int(mark, 16), int(mask or "0xffffffff", 16))
+    table = str(conf["table"])
+    for family in conf["families"]:
+        flag = "-6" if family == "ipv6" else "-4"
+        if conf["mode"] == "tproxy":
+            if not [r for r in _ip_json([flag, "rule", "show"])
+                    if str(r.get("table")) == table and "fwmark" in r
+                    and (int(str(r["fwmark"]), 16), int(str(r.get("fwmask", "0xffffffff")), 16)) == want]:
+                drift.append("%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], table))
+            if not [r for r in _ip_json([flag, "route", "show", "table", table]) if r.get("type") == "local"]:
+                drift.append("%s: no local default route in table %s" % (family, table))
+        if family == "ipv6" and not [a for i in _ip_json(["-6", "addr", "show", "dev", "lo"])
+                                     for a in i.get("addr_info", []) if a.get("local") == "::6"]:
+            drift.append("ipv6: no passthrough source ::6 on lo")
+    return drift
+
+
 def routes(conf, state):
     """TPROXY policy routing per family (one fwmark rule, the local route) and the IPv6 passthrough source."""
     for family in conf["families"]:
@@ -84,29 +147,92 @@ def routes(conf, state):
                 run(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"], check=False)
 
 
-def main(argv):
-    if len(argv) != 2 or argv[1] not in ("start", "stop", "check"):
-        print("usage: sidecar-capture start|stop|check", file=sys.stderr)
-        return 2
-    with open(CONFIG, encoding="utf-8") as fh:
-        conf = json.load(fh)
-    try:
-        if argv[1] == "check":
+class Locked:
+    """The lock start, stop and repair take (so a repair never races a stop)."""
+
+    def __enter__(self):
+        self.fh = open(LOCK, "a", encoding="utf-8")  # held until __exit__
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def apply(conf, state):
+    if conf["backend"] == "nftables":
+        nftables(conf, state)
+    else:
+        iptables(conf, state)
+    routes(conf, state)
+
+
+def repair():
+    """Put back what drifted when the capture is started; returns the repairs made (empty when intact)."""
+    with Locked():
+        if not os.path.exists(MARKER):
+            return []
+        with open(CONFIG, encoding="utf-8") as fh:
+            conf = json.load(fh)
+        rules, paths = rules_drift(conf), routes_drift(conf)
+        if rules:
             if conf["backend"] == "nftables":
-                ok = run(["nft", "list", "table"] + NFT_TABLE, check=False).returncode == 0
-                changes = [] if ok else ["table inet sidecar_intercept is missing"]
+                nftables(conf, "present")
             else:
-                changes = iptables(conf, "present", check_only=True)
+                iptables(conf, "present")
+        if paths:
+            routes(conf, "present")
+        return rules + paths
+
+
+def watch():
+    """Repair every SIDECAR_CAPTURE_INTERVAL seconds (default 5) until SIGTERM; errors are reported, not fatal."""
+    interval = float(os.environ.get("SIDECAR_CAPTURE_INTERVAL", "5"))
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(0))
+    failing = None
+    while True:
+        try:
+            repaired = repair()
+            if repaired:
+                print("sidecar-capture: repaired the capture: " + "; ".join(repaired), flush=True)
+            failing = None
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            if str(exc) != failing:  # once per distinct failure, not every few seconds
+                print("sidecar-capture: repair failed: %s" % exc, file=sys.stderr, flush=True)
+            failing = str(exc)
+        time.sleep(interval)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("start", "stop", "check", "repair", "watch", "adopt"):
+        print("usage: sidecar-capture start|stop|check|repair|watch|adopt", file=sys.stderr)
+        return 2
+    try:
+        if argv[1] == "watch":
+            watch()
+        if argv[1] == "repair":
+            for change in repair():
+                print("repaired: " + change)
+            return 0
+        with open(CONFIG, encoding="utf-8") as fh:
+            conf = json.load(fh)
+        if argv[1] == "check":
+            changes = rules_drift(conf) + routes_drift(conf)
             for change in changes:
                 print("drift: " + change)
             return 1 if changes else 0
-        state = "present" if argv[1] == "start" else "absent"
-        if conf["backend"] == "nftables":
-            nftables(conf, state)
-        else:
-            iptables(conf, state)
-        routes(conf, state)
-    except (RuntimeError, OSError, ValueError) as exc:
+        with Locked():
+            if argv[1] in ("start", "adopt"):
+                if argv[1] == "start":
+                    apply(conf, "present")
+                with open(MARKER, "w", encoding="utf-8") as fh:
+                    fh.write("%s\n" % argv[1])
+            else:
+                if os.path.exists(MARKER):
+                    os.unlink(MARKER)
+                apply(conf, "absent")
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
         print("sidecar-capture %s: %s" % (argv[1], exc), file=sys.stderr)
         return 1
     return 0

@@ -280,3 +280,62 @@ def test_bad_metrics_listener_settings_are_named(raw, message):
 def test_metrics_port_is_free_while_the_listener_is_off():
     assert ok(sidecar_proxy_metrics_port=15000)["metrics_port"] == 15000
     assert ok(sidecar_inbound_ports=[15090])["inbound_ports"] == [15090]
+
+
+def test_a_proxy_uid_or_gid_of_another_account_is_warned_about():
+    """sidecar_proxy_uid=65534 (nobody) was accepted silently: every process of nobody bypassed the capture."""
+    host = dict(HOST_V4, accounts={"uid": "nobody", "gid": "nogroup"})
+    r, errors, warnings = effective({"sidecar_proxy_uid": 65534, "sidecar_proxy_gid": 65534}, host)
+    assert r is not None and not errors
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("sidecar_proxy_uid=65534 belongs to user 'nobody' on this host, not to the "
+                                  "proxy's own user 'sidecar-proxy'")
+    assert "sidecar_proxy_gid=65534 belongs to group 'nogroup'" in warnings[1]
+    own = dict(HOST_V4, accounts={"uid": "sidecar-proxy", "gid": "sidecar-proxy"})
+    assert effective({}, own)[2] == []
+    assert effective({}, dict(HOST_V4, accounts={"uid": None, "gid": None}))[2] == []  # first install
+    assert effective({}, dict(HOST_V4, accounts={"uid": "envoy", "gid": "envoy"}), (), ("envoy", "envoy"))[2] == []
+    assert effective({"sidecar_state": "absent"}, host)[2] == []
+
+
+def test_capture_facts_names_the_owners_of_the_proxy_ids():
+    import grp
+    import pwd
+
+    from ansible_collections.sidecar.intercept.plugins.modules.capture_facts import _accounts
+    root = _accounts(0, 0)
+    assert root == {"uid": pwd.getpwuid(0).pw_name, "gid": grp.getgrgid(0).gr_name}
+    unused = next(i for i in range(4000000, 4000100) if not _has_id(i))
+    assert _accounts(unused, unused) == {"uid": None, "gid": None}
+    assert _accounts(None, None) == {"uid": None, "gid": None}
+
+
+def _has_id(i):
+    import grp
+    import pwd
+    try:
+        pwd.getpwuid(i)
+        return True
+    except KeyError:
+        try:
+            grp.getgrgid(i)
+            return True
+        except KeyError:
+            return False
+
+
+def test_redirect_mode_behind_a_filtering_firewall_is_refused_naming_it():
+    """REDIRECT behind ufw / nft policy drop dropped every captured connection, and behind firewalld opened the
+    ports its zone keeps closed (tests/integration/capture/test_firewall.py): refused before the change."""
+    host = dict(HOST_V4, firewall=["ufw (iptables-nft)", "iptables-nft filter INPUT policy DROP"])
+    r, errors, _w = effective({}, host)
+    assert r is None and len(errors) == 1, errors
+    assert errors[0].startswith("sidecar_mode=redirect: this host's firewall filters inbound traffic (ufw (iptables-nft); "
+                                "iptables-nft filter INPUT policy DROP). REDIRECT rewrites the destination port to "
+                                "the proxy's 15006")
+    assert "Use sidecar_mode=tproxy" in errors[0] and "sidecar_capture_firewall_check=false" in errors[0]
+    assert effective({"sidecar_mode": "tproxy"}, host)[0] is not None
+    assert effective({"sidecar_state": "absent"}, host)[0] is not None
+    assert effective({"sidecar_capture_firewall_check": "no"}, host)[0] is not None
+    assert effective({}, dict(HOST_V4, firewall=[]))[0] is not None
+    assert 'sidecar_capture_firewall_check="auto": must be true or false' in bad(sidecar_capture_firewall_check="auto")

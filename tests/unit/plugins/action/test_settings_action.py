@@ -96,3 +96,18 @@ def test_a_stricter_first_read_serves_a_laxer_later_call():
     act._task.args = {"require_backend": False}
     again = act.run(task_vars={"ansible_facts": first["ansible_facts"]})
     assert again["cached"] and act._execute_module.call_count == 1
+
+
+def test_a_filtering_firewall_fails_the_capture_in_redirect_mode_not_the_proxy_role_alone():
+    act = action()
+    host = dict(CAPTURE["host"], firewall=["ufw (iptables-nft)"], accounts={"uid": "nobody", "gid": None})
+    act._execute_module.return_value = {"ansible_facts": {"sidecar_capture": dict(CAPTURE, host=host)}}
+    result = act.run(task_vars={"inventory_hostname": "vm1", "sidecar_proxy_uid": 65534})
+    assert result["failed"] and "sidecar.intercept settings do not fit vm1 (nothing was changed)" in result["msg"]
+    assert "this host's firewall filters inbound traffic (ufw (iptables-nft))" in result["msg"]
+    assert act._execute_module.call_args.kwargs["module_args"]["proxy_uid"] == 65534
+    lax = action(args={"require_backend": False})
+    lax._execute_module.return_value = act._execute_module.return_value
+    result = lax.run(task_vars={"inventory_hostname": "vm1", "sidecar_proxy_uid": 65534})
+    assert not result.get("failed"), result
+    assert result["warnings"] == [w for w in result["warnings"] if "belongs to user 'nobody'" in w] != []
