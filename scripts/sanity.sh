@@ -107,24 +107,30 @@ say "ansible-test sanity --python $pyver $*"
     ansible-test sanity --python "$pyver" --color no "$@"
 ) || failed+=("ansible-test sanity")
 
-# 4. ansible-lint, production profile, over the content that exists
-lint_paths=()
-for p in roles playbooks molecule; do
-  [ -d "$dest/$p" ] && lint_paths+=("$p")
-done
-if [ ${#lint_paths[@]} -gt 0 ]; then
-  say "ansible-lint --profile production ${lint_paths[*]}"
-  (
-    cd "$dest" || exit 1
-    env -u ANSIBLE_COLLECTIONS_PATHS ANSIBLE_COLLECTIONS_PATH="$tmp" ansible-lint --offline --profile production --nocolor "${lint_paths[@]}"
-  ) || failed+=("ansible-lint")
-else
-  say "ansible-lint: no roles, playbooks or molecule scenarios yet"
-fi
+# 4. ansible-lint exactly as a contributor runs it: plain `ansible-lint` (no arguments, .ansible-lint's
+#    production profile) at the top of a checkout that is NOT inside an ansible_collections/ tree, with no
+#    collection path of ours set. ansible-lint then installs the checkout into its .ansible/collections
+#    itself, so the collection's own modules resolve there as they do for anyone who clones it.
+checkout="$tmp/checkout"
+mkdir -p "$checkout"
+(
+  cd "$repo" || exit 1
+  { git ls-files -z; if [ "$untracked" = 1 ]; then git ls-files -z --others --exclude-standard; fi; } |
+    while IFS= read -r -d '' f; do
+      [ -e "$f" ] || continue
+      printf '%s\0' "$f"
+    done | xargs -0 -r cp --parents -P -t "$checkout"
+  git -C "$checkout" init -q  # ansible-lint finds the project root by its .git directory
+) || failed+=("ansible-lint (copy of the checkout)")
+say "ansible-lint (plain, in a checkout outside ansible_collections/)"
+(
+  cd "$checkout" || exit 1
+  env -u ANSIBLE_COLLECTIONS_PATH -u ANSIBLE_COLLECTIONS_PATHS -u PYTHONPATH ansible-lint --nocolor
+) || failed+=("ansible-lint")
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then
-  echo "SANITY PASSED (ansible-test sanity, ansible-lint --profile production)"
+  echo "SANITY PASSED (ansible-test sanity, ansible-lint with the production profile)"
 else
   echo "SANITY FAILED: ${failed[*]}"
   exit 1
