@@ -80,6 +80,7 @@ stage_lint() {
   check "mypy (proxy)" mypy --config-file proxy/pyproject.toml proxy/src
   check "sanity + ansible-lint" bash scripts/sanity.sh
   check "changelog lint" antsibull-changelog lint
+  check "docs site, antsibull-docs lint, execution environment" bash scripts/tooling.sh
 }
 
 stage_build() {

@@ -27,8 +27,8 @@ METADATA = [
     "roles/*/meta/*.yml",
     "roles/*/templates/*",
     "execution-environment.yml",
-    "docs/antsibull-docs.cfg",
-    "docs/build-site.sh",
+    "docs/site/*",
+    "plugins/filter/*.yml",
 ]
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://([^/\s\"'<>)]*)", re.IGNORECASE)
 RESERVED_HOST = re.compile(
