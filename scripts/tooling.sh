@@ -120,7 +120,7 @@ step_matrix() {
   local host="tl-matrix-$$" sp
   say "support matrix: ansible-core 2.19 on Python 3.11 (unit tests, sanity, converge + idempotence)"
   matrix_venv || { failed+=("matrix venv"); return; }
-  "$MATRIX_VENV/bin/ansible" --version | head -n 1
+  "$MATRIX_VENV/bin/ansible" --version 2>&1 | sed -n 1p
   (cd "$repo" && PATH="$MATRIX_VENV/bin:$PATH" python -m pytest -q -p no:cacheprovider tests/unit) || failed+=("matrix: unit tests")
   PATH="$MATRIX_VENV/bin:$PATH" bash "$repo/scripts/sanity.sh" --no-lint >"$tmp/matrix-sanity.log" 2>&1 ||
     { tail -n 40 "$tmp/matrix-sanity.log"; failed+=("matrix: ansible-test sanity"); }
@@ -132,6 +132,9 @@ step_matrix() {
   podman run -d --name "$host" --hostname "$host" --network none --systemd=always --cap-add NET_ADMIN,NET_RAW \
     --security-opt unmask=/proc/sys "${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:bookworm" /sbin/init >/dev/null ||
     { failed+=("matrix: host"); return; }
+  # wait for the host's boot to finish (systemd mounts /tmp while it boots: a module copied there
+  # earlier would vanish); "degraded" is fine for a container
+  timeout 90 podman exec "$host" systemctl is-system-running --wait >/dev/null 2>&1
   printf '%s ansible_connection=containers.podman.podman ansible_python_interpreter=/usr/bin/python3\n' "$host" \
     >"$tmp/matrix-inventory"
   # containers.podman (the connection) from the tools venv's ansible package; ansible-core from the matrix venv
