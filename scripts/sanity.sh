@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sanity gate for the collection: `ansible-test sanity` and `ansible-lint --profile production`.
 #
-# Usage: scripts/sanity.sh [--untracked] [ansible-test sanity options, e.g. --test validate-modules]
+# Usage: scripts/sanity.sh [--untracked] [--no-lint] [ansible-test sanity options, e.g. --test validate-modules]
 #   --untracked  also check files git does not track yet (default: tracked files only, as CI sees them)
+#   --no-lint    ansible-test sanity only (the support matrix runs it with another ansible-core)
 # Prints "SANITY PASSED" or "SANITY FAILED: <gates>" at the end; exits non-zero on any failure.
 #
 # How it works here, without get-pip.py:
@@ -25,7 +26,7 @@ set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
-if ! command -v ansible-test >/dev/null 2>&1 || ! command -v ansible-lint >/dev/null 2>&1; then
+if ! command -v ansible-test >/dev/null 2>&1 || { ! command -v ansible-lint >/dev/null 2>&1 && [[ " $* " != *" --no-lint "* ]]; }; then
   # not called from test.sh: get the tools venv and the collection path the usual way
   # shellcheck source=scripts/env.sh
   . "$here/env.sh"
@@ -38,8 +39,14 @@ if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v a
     >/dev/null 2>&1 || echo "warning: could not install shellcheck; ansible-test will skip that test" >&2
 fi
 
-untracked=0
-if [ "${1:-}" = --untracked ]; then untracked=1; shift; fi
+untracked=0 lint=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --untracked) untracked=1; shift ;;
+    --no-lint) lint=0; shift ;;
+    *) break ;;
+  esac
+done
 
 cache="${SIDECAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-intercept}"
 test_home="$cache/ansible-test-home"
@@ -107,24 +114,32 @@ say "ansible-test sanity --python $pyver $*"
     ansible-test sanity --python "$pyver" --color no "$@"
 ) || failed+=("ansible-test sanity")
 
-# 4. ansible-lint, production profile, over the content that exists
-lint_paths=()
-for p in roles playbooks molecule; do
-  [ -d "$dest/$p" ] && lint_paths+=("$p")
-done
-if [ ${#lint_paths[@]} -gt 0 ]; then
-  say "ansible-lint --profile production ${lint_paths[*]}"
+# 4. ansible-lint exactly as a contributor runs it: plain `ansible-lint` (no arguments, .ansible-lint's
+#    production profile) at the top of a checkout that is NOT inside an ansible_collections/ tree, with no
+#    collection path of ours set. ansible-lint then installs the checkout into its .ansible/collections
+#    itself, so the collection's own modules resolve there as they do for anyone who clones it.
+if [ "$lint" = 1 ]; then
+  checkout="$tmp/checkout"
+  mkdir -p "$checkout"
   (
-    cd "$dest" || exit 1
-    env -u ANSIBLE_COLLECTIONS_PATHS ANSIBLE_COLLECTIONS_PATH="$tmp" ansible-lint --offline --profile production --nocolor "${lint_paths[@]}"
+    cd "$repo" || exit 1
+    { git ls-files -z; if [ "$untracked" = 1 ]; then git ls-files -z --others --exclude-standard; fi; } |
+      while IFS= read -r -d '' f; do
+        [ -e "$f" ] || continue
+        printf '%s\0' "$f"
+      done | xargs -0 -r cp --parents -P -t "$checkout"
+    git -C "$checkout" init -q  # ansible-lint finds the project root by its .git directory
+  ) || failed+=("ansible-lint (copy of the checkout)")
+  say "ansible-lint (plain, in a checkout outside ansible_collections/)"
+  (
+    cd "$checkout" || exit 1
+    env -u ANSIBLE_COLLECTIONS_PATH -u ANSIBLE_COLLECTIONS_PATHS -u PYTHONPATH ansible-lint --nocolor
   ) || failed+=("ansible-lint")
-else
-  say "ansible-lint: no roles, playbooks or molecule scenarios yet"
 fi
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then
-  echo "SANITY PASSED (ansible-test sanity, ansible-lint --profile production)"
+  echo "SANITY PASSED (ansible-test sanity$([ "$lint" = 1 ] && echo ', ansible-lint with the production profile'))"
 else
   echo "SANITY FAILED: ${failed[*]}"
   exit 1

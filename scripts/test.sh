@@ -81,6 +81,8 @@ stage_lint() {
   check "sanity + ansible-lint" bash scripts/sanity.sh
   check "changelog lint" antsibull-changelog lint
   check "prometheus rules (promtool)" bash scripts/prometheus.sh rules
+  check "docs site, antsibull-docs lint, execution environment" bash scripts/tooling.sh lint site ee
+  check "support matrix (ansible-core 2.19 on Python 3.11)" bash scripts/tooling.sh matrix
 }
 
 stage_build() {
