@@ -53,14 +53,18 @@ options:
     type: str
     default: sidecar-proxy.service
 author:
-  - sidecar.intercept developers
+  - sidecar.intercept developers (@sidecar)
 attributes:
   check_mode:
     support: full
+    description: Read-only, runs the same in check mode.
   diff_mode:
     support: none
+    description: Reads only; there is nothing to show a diff of.
   platform:
+    support: full
     platforms: posix
+    description: Linux hosts with iptables or nftables, iproute2 and systemd's journal.
 """
 
 EXAMPLES = r"""
