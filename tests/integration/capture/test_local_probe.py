@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -193,7 +192,7 @@ def test_local_probe_removes_its_namespace_when_interrupted(host, tmp_path):
         time.sleep(0.1)
     time.sleep(0.5)
     proc.terminate()
-    stdout, _ = proc.communicate(timeout=15)
+    stdout = proc.communicate(timeout=15)[0]
     out = json.loads(stdout)
     assert out["removed"] is True and out["intercepted"] is False
     assert any("signal" in p for p in out["problems"]), out["problems"]
