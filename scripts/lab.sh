@@ -69,6 +69,7 @@ write_inventory() {
     echo "    ansible_connection: containers.podman.podman"
     echo "    ansible_python_interpreter: /usr/bin/python3"
     echo "    sidecar_proxy_metrics_address: 0.0.0.0  # scraped by the lab's Prometheus"
+    echo "    sidecar_rollout_probe_peer: next"
     echo "  hosts:"
     for i in $(seq 1 "$HOSTS"); do
       echo "    $(name "$i"):"

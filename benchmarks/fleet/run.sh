@@ -55,6 +55,7 @@ write_inventory() {
     echo "  vars:"
     echo "    ansible_connection: containers.podman.podman"
     echo "    ansible_python_interpreter: /usr/bin/python3"
+    echo "    sidecar_rollout_probe_peer: next"
     echo "  hosts:"
     for i in $(seq 1 "$n"); do
       echo "    fbench-$i:"

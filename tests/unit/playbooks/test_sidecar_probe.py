@@ -157,3 +157,44 @@ def test_evidence_upstream_timeout_is_not_interception(capsys, admin, monkeypatc
     assert out["intercepted"] is False
     assert out["problems"] == [
         "outbound connection to 10.89.0.3:15080 reached the proxy but got no answer upstream (connect_timeout)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["local", "--admin-port", "1", "--port", "15080", "--count", "0"], "--count must be 1..20, got 0"),
+    (["local", "--admin-port", "1", "--port", "15080", "--avoid", "10.0.0.300/8"], "'10.0.0.300/8'"),
+    (["local", "--admin-port", "1", "--port", "15080", "--prefix", "bad/name"], "'bad/name'"),
+])
+def test_local_bad_arguments_name_the_value(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        probe.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pick_network_is_link_local_and_avoids_what_is_used():
+    import ipaddress
+    used = [ipaddress.ip_network("169.254.0.0/17"), ipaddress.ip_network("169.254.169.0/24")]
+    seen = set()
+    for seed in range(200):
+        net = probe.pick_network(used, seed)
+        assert net.prefixlen == 30 and net.subnet_of(ipaddress.ip_network("169.254.0.0/16"))
+        assert not any(net.overlaps(u) for u in used), (seed, net)
+        seen.add(net)
+    assert len(seen) > 100  # different runs (PIDs) start at different places
+
+
+def test_pick_network_fails_when_everything_is_used():
+    import ipaddress
+    with pytest.raises(RuntimeError, match="no free link-local /30"):
+        probe.pick_network([ipaddress.ip_network("169.254.0.0/16")], 1)
+
+
+def test_evidence_reads_an_access_log_file(capsys, admin, tmp_path):
+    port, state = admin
+    state["connections_total"] = {"inbound": 1, "outbound": 1}
+    log = tmp_path / "access.log"
+    log.write_text("\n".join(RECORDED_LOG) + "\n")
+    out = run(capsys, ["evidence", "--admin-port", str(port), "--since", "0", "--wait", "0",
+                       "--before", '{"inbound": 0, "outbound": 0}', "--log-file", str(log),
+                       "--expect", "outbound=10.89.0.3:15080", "--expect", "inbound=10.89.0.2:15080"])
+    assert out["intercepted"] is True, out["problems"]
