@@ -3,6 +3,8 @@
 # the collection build, and the Molecule scenarios on Podman systemd hosts.
 # Usage: scripts/test.sh [stage ...]   stages: pytest lint build molecule (default: all)
 #        SIDECAR_SCENARIOS="redirect proxy" scripts/test.sh molecule   (a subset of scenarios)
+#        SIDECAR_MOLECULE_JOBS=2   Molecule scenarios run side by side in this many lanes (default 2;
+#                                  1 runs them one after the other), the longest first
 # Installs what it needs (apt packages, the tools venv, the lab images) on first use.
 # Ends with the line "N passed, N failed"; exits non-zero when anything failed.
 set -uo pipefail
@@ -11,11 +13,12 @@ set -uo pipefail
 set -e
 sidecar_setup
 set +e
+SIDECAR_SETUP_SECONDS=$SECONDS
 cd "$SIDECAR_REPO"
 
 LOGS="$SIDECAR_REPO/.cache/test-logs"
 mkdir -p "$LOGS"  # each check overwrites its own log
-PASSED=0; FAILED=0; RESULTS=()
+PASSED=0; FAILED=0; RESULTS=(); TIMES=()
 
 record() {  # record NAME RC LOGFILE
   if [ "$2" -eq 0 ]; then
@@ -34,6 +37,7 @@ check() {  # check NAME COMMAND...: one pass/fail line per command, output kept 
   log "$name"
   "$@" >"$log" 2>&1; rc=$?
   printf '    %s in %ss\n' "$([ $rc -eq 0 ] && echo ok || echo "FAILED (rc=$rc)")" "$((SECONDS - start))"
+  TIMES+=("$((SECONDS - start))|  $name")
   record "$name" "$rc" "$log"
 }
 
@@ -45,6 +49,7 @@ run_pytest() {  # run_pytest NAME PATH...: each pytest test counts as one result
   python -m pytest -q -p no:cacheprovider --junitxml="$xml" "$@" >"$log" 2>&1; rc=$?
   tail -n 1 "$log"
   printf '    finished in %ss (rc=%s)\n' "$((SECONDS - start))" "$rc"
+  TIMES+=("$((SECONDS - start))|  pytest $name")
   counts="$(python - "$xml" <<'PY'
 import sys, xml.etree.ElementTree as ET
 try:
@@ -82,7 +87,6 @@ stage_lint() {
   check "changelog lint" antsibull-changelog lint
   check "prometheus rules (promtool)" bash scripts/prometheus.sh rules
   check "docs site, antsibull-docs lint, execution environment" bash scripts/tooling.sh lint site ee
-  check "support matrix (ansible-core 2.19 on Python 3.11)" bash scripts/tooling.sh matrix
 }
 
 stage_build() {
@@ -101,15 +105,69 @@ stage_build() {
     echo "collection tarball builds, installs and documents its modules"'
 }
 
+# Molecule scenarios run side by side in SIDECAR_MOLECULE_JOBS lanes, the longest first, so that the
+# long fleet scenario starts at once and the short ones fill the other lane. A scenario's weight is its
+# wall time in the last run on this checkout (.cache/test-logs/molecule-durations), else the seconds
+# below (measured in full runs on 2 cores), else 300. Each scenario keeps its own log and its own
+# pass/fail line. What scenarios share is made safe for lanes: each has its own platform names, Podman
+# network (fixed subnets 10.89.71-73, fleet 10.89.81) and Molecule ephemeral directory; the proxy
+# zipapp the controller builds is published atomically under its hash.
+# "matrix" is not a scenario: the support matrix's converge on ansible-core 2.19 (scripts/tooling.sh
+# matrix) runs in a lane beside the scenarios, since it needs a Podman host too.
+MOLECULE_WEIGHTS="fleet=1200 matrix=500 firewall=450 single=450 sa-activation=450 tproxy=380 redirect=380 nftables=360 proxy=350"
+
+scenario_weight() {  # scenario_weight NAME: seconds, for the order
+  local w kv
+  w="$(awk -v s="$1" '$1 == s { w = $2 } END { print w }' "$LOGS/molecule-durations" 2>/dev/null)"
+  if [ -z "$w" ]; then
+    for kv in $MOLECULE_WEIGHTS; do [ "${kv%%=*}" = "$1" ] && w="${kv#*=}"; done
+  fi
+  echo "${w:-300}"
+}
+
+molecule_scenario() {  # molecule_scenario NAME: one scenario, in a lane; writes "rc seconds" to its result file
+  local s="$1" log="$LOGS/molecule_$1.log" start=$SECONDS rc
+  {
+    if [ "$s" = matrix ]; then bash scripts/tooling.sh matrix; else dual_stack_network "$s" && molecule test -s "$s"; fi
+  } >"$log" 2>&1; rc=$?
+  echo "$rc $((SECONDS - start))" >"$LOGS/molecule_$s.result"
+}
+
 stage_molecule() {
-  local s scenarios
-  scenarios="${SIDECAR_SCENARIOS:-$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort)}"
+  local s scenarios jobs pid start
+  local -A running=()
+  scenarios="${SIDECAR_SCENARIOS:-$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename; echo matrix)}"
+  jobs="${SIDECAR_MOLECULE_JOBS:-2}"
+  start=$SECONDS
   bash scripts/lab-image.sh bookworm trixie trixie-nft || { record "lab images" 1 /dev/null; return; }
   case " ${scenarios//$'\n'/ } " in *" firewall "*) bash scripts/lab-image.sh bookworm-fw || { record "lab image bookworm-fw" 1 /dev/null; return; } ;; esac
+  TIMES+=("$((SECONDS - start))|  lab images")
+  # longest first (ties by name, so the order is stable)
+  scenarios="$(for s in $scenarios; do echo "$(scenario_weight "$s") $s"; done | sort -k1,1nr -k2,2 | awk '{ print $2 }')"
+  log "molecule: $(tr '\n' ' ' <<<"$scenarios")- $jobs at a time (logs: .cache/test-logs/molecule_<scenario>.log)"
   for s in $scenarios; do
-    dual_stack_network "$s"
-    check "molecule $s" molecule test -s "$s"
+    while [ "${#running[@]}" -ge "$jobs" ]; do
+      wait -n 2>/dev/null
+      for pid in "${!running[@]}"; do kill -0 "$pid" 2>/dev/null || { molecule_done "${running[$pid]}"; unset "running[$pid]"; }; done
+    done
+    rm -f "$LOGS/molecule_$s.result"
+    printf '    started molecule %s (weight %ss)\n' "$s" "$(scenario_weight "$s")"
+    molecule_scenario "$s" &
+    running[$!]="$s"
   done
+  for pid in "${!running[@]}"; do wait "$pid"; molecule_done "${running[$pid]}"; done
+}
+
+molecule_done() {  # molecule_done NAME: report a finished scenario and keep its time for the next order
+  local s="$1" rc=1 secs=0
+  [ -f "$LOGS/molecule_$s.result" ] && read -r rc secs <"$LOGS/molecule_$s.result"
+  printf '    molecule %s: %s in %ss\n' "$s" "$([ "$rc" -eq 0 ] && echo ok || echo "FAILED (rc=$rc)")" "$secs"
+  TIMES+=("$secs|  molecule $s")
+  if [ "$rc" -eq 0 ]; then  # only a passing run's time is a fair weight
+    { grep -v "^$s " "$LOGS/molecule-durations" 2>/dev/null; echo "$s $secs"; } >"$LOGS/molecule-durations.$$"
+    mv "$LOGS/molecule-durations.$$" "$LOGS/molecule-durations"
+  fi
+  record "$([ "$s" = matrix ] && echo "support matrix (ansible-core 2.19 on Python 3.11)" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
 }
 
 # A scenario with `scap_network_subnets` in its inventory runs on a dual-stack Podman network
@@ -137,11 +195,23 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(pytest lint build molecule)
 for st in "${stages[@]}"; do
   case "$st" in
-    pytest|lint|build|molecule) "stage_$st" ;;
+    pytest|lint|build|molecule) ;;
     *) echo "unknown stage '$st' (expected pytest, lint, build or molecule)" >&2; exit 2 ;;
   esac
 done
+[[ "${SIDECAR_MOLECULE_JOBS:-2}" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "SIDECAR_MOLECULE_JOBS must be a positive number, not '$SIDECAR_MOLECULE_JOBS'" >&2; exit 2; }
+run_start=$SECONDS
+for st in "${stages[@]}"; do
+  st_start=$SECONDS; st_row=${#TIMES[@]}; TIMES+=("")
+  "stage_$st"
+  TIMES[st_row]="$((SECONDS - st_start))|stage $st"
+done
+TIMES+=("$((SECONDS - run_start))|total (set-up before it: ${SIDECAR_SETUP_SECONDS}s)")
 
+echo
+echo "Wall time (seconds; scenarios in lanes overlap, so they add up to more than their stage):"
+printf '%s\n' "${TIMES[@]}" | awk -F'|' '{ printf "  %6s  %s\n", $1, $2 }'
 echo
 echo "Summary (logs in .cache/test-logs/):"
 printf '  %s\n' "${RESULTS[@]}"
