@@ -13,8 +13,9 @@ walks them for a new TCP connection:
 A rule is {"chain", "index", "text", "counters": [packets, bytes] | None, "match": {...}, "verdict",
 "target", "port", "unknown": [...]}; match keys: proto, src, dst (network, "neg"), iif, oif (name,
 "neg"), dports ([ports] or set name, "neg"), uid, gid, local (addrtype/fib: the destination is a local
-address, or not), ctstate ([states]), connmark ((mark, mask)), tcp_flags ((flags & mask) == comp: the packet explained is a SYN). A rule with a match explain cannot
-evaluate is taken as not matching, and said so in the notes.
+address, or not), ctstate ([states]), connmark ((mark, mask)), tcp_flags ((flags & mask) == comp; the
+packet explained is a connection's first, a SYN). A rule with a match explain cannot evaluate is taken
+as not matching, and said so in the notes.
 """
 
 from __future__ import annotations
