@@ -13,8 +13,9 @@ walks them for a new TCP connection:
 A rule is {"chain", "index", "text", "counters": [packets, bytes] | None, "match": {...}, "verdict",
 "target", "port", "unknown": [...]}; match keys: proto, src, dst (network, "neg"), iif, oif (name,
 "neg"), dports ([ports] or set name, "neg"), uid, gid, local (addrtype/fib: the destination is a local
-address, or not), ctstate ([states]), connmark ((mark, mask)). A rule with a match explain cannot
-evaluate is taken as not matching, and said so in the notes.
+address, or not), ctstate ([states]), connmark ((mark, mask)), tcp_flags ((flags & mask) == comp; the
+packet explained is a connection's first, a SYN). A rule with a match explain cannot evaluate is taken
+as not matching, and said so in the notes.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def _ipt_rule(chain, index, spec, counters):
         elif t == "--dst-type":
             m["local"] = (nxt == "LOCAL") != neg
             i += 2
+        elif t == "--tcp-flags":  # --tcp-flags MASK COMP: (flags & MASK) == COMP
+            comp = tokens[i + 2] if i + 2 < len(tokens) else ""
+            m["tcp_flags"] = {"mask": set(nxt.split(",")), "comp": set(comp.split(",")) - {"NONE", ""}, "neg": neg}
+            i += 3
         elif t == "--ctstate":
             m["ctstate"] = {"states": nxt.split(","), "neg": neg}
             i += 2
@@ -159,6 +164,9 @@ def _nft_rule(chain, index, entry, sets):
         (r'^tcp dport (!= )?(@\S+|\{[^}]*\}|\d+)', lambda g: m.__setitem__(
             "dports", {"ports": [int(p) for p in _nft_set_values(g[1], sets)[0]], "neg": bool(g[0]), "proto": "tcp"})),
         (r'^meta l4proto (\S+)', lambda g: m.__setitem__("proto", g[0])),
+        # `tcp flags ! syn`: the flag is not set; `tcp flags ack`: it is set
+        (r'^tcp flags (! )?([a-z]+)(?= |$)', lambda g: m.__setitem__(
+            "tcp_flags", {"mask": {g[1].upper()}, "comp": set() if g[0] else {g[1].upper()}, "neg": False})),
         (r'^meta (skuid|skgid) (!= )?(\d+)', lambda g: m.__setitem__(
             "uid" if g[0] == "skuid" else "gid", {"id": int(g[2]), "neg": bool(g[1])})),
         (r'^fib daddr type (!= )?local', lambda g: m.__setitem__("local", not g[0])),
@@ -258,6 +266,10 @@ def _matches(rule, pkt):
                 return False
     if "local" in m and m["local"] != pkt["local"]:
         return False
+    if "tcp_flags" in m:  # the packet explained is a connection's first: a SYN
+        f = m["tcp_flags"]
+        if ({"SYN"} & f["mask"] == f["comp"]) == f["neg"]:
+            return False
     if "ctstate" in m and ("NEW" in m["ctstate"]["states"]) == m["ctstate"]["neg"]:
         return False
     if "connmark" in m and ((0 & m["connmark"]["mask"]) == m["connmark"]["mark"]) == m["connmark"]["neg"]:

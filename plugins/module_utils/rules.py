@@ -19,6 +19,9 @@ A rule is a dict; every key is optional except `verdict`:
   srcs     [networks], set: name    the same for the source address
   uid, gid owner of the socket      (-m owner / meta skuid, skgid)
   ctstate  [states]                 (-m conntrack --ctstate / ct state)
+  tcp_flags 'no-syn' | 'ack'        the SYN flag is not set / the ACK flag is set
+                                    (-m tcp ! --tcp-flags SYN SYN / --tcp-flags ACK ACK;
+                                    tcp flags ! syn / tcp flags ack)
   connmark mark/mask                the connection mark has these bits (-m connmark --mark / ct mark)
   verdict  'return' | 'accept' | 'jump' (target) | 'redirect' (port) | 'tproxy' (port, mark, mask)
            | 'mark' (mark, mask: set the packet mark's masked bits) | 'connmark' (the same for the
@@ -51,6 +54,18 @@ def _per_family(rule, families):
     return out
 
 
+# Only the first packet of a connection, a SYN, is redirected or diverted to the proxy. A packet without
+# SYN (or with ACK) that reaches these chains belongs to a connection that was open before connection
+# tracking started: on a host without any conntrack rule (no firewall, no container engine) the
+# capture's own rules switch tracking on, and the kernel then picks up the open connections in the
+# middle of their stream (nf_conntrack_tcp_loose), their next packet looking like a new connection's
+# first. Redirecting it cut them, the SSH connection Ansible uses among them. They stay direct.
+MIDSTREAM = [
+    {"proto": "tcp", "tcp_flags": "no-syn", "verdict": "return"},
+    {"proto": "tcp", "tcp_flags": "ack", "verdict": "return"},
+]
+
+
 def _inbound_excludes(s, families):
     """Excluded ports and source networks: RETURN before anything is captured or diverted."""
     rules = [{"proto": "tcp", "dports": s["inbound_exclude_ports"], "dports_set": "inbound_exclude_ports",
@@ -70,7 +85,8 @@ def _inbound_redirect(s, families):
                       "verdict": "jump", "target": "SIDECAR_IN_REDIRECT"})
     return [
         {"name": "SIDECAR_INBOUND", "rules": rules},
-        {"name": "SIDECAR_IN_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["inbound_port"]}]},
+        {"name": "SIDECAR_IN_REDIRECT",
+         "rules": MIDSTREAM + [{"proto": "tcp", "verdict": "redirect", "port": s["inbound_port"]}]},
     ]
 
 
@@ -89,7 +105,7 @@ def _inbound_tproxy(s, families):
     else:
         inbound.append({"proto": "tcp", "dports": s["inbound_ports"], "dports_set": "inbound_ports",
                         "verdict": "jump", "target": "SIDECAR_TPROXY"})
-    tproxy = []
+    tproxy = list(MIDSTREAM)
     for fam in families:
         tproxy += _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "connmark", **mark}, [fam])
         tproxy += _per_family({"dst_not": "loopback", "proto": "tcp", "verdict": "tproxy", "port": s["inbound_port"],
@@ -117,7 +133,8 @@ def _outbound(s, families):
     return [
         {"name": "SIDECAR_OUTPUT", "rules": rules + selection},
         {"name": "SIDECAR_BRIDGE", "rules": (bridge + selection) if s["bridges"] else []},
-        {"name": "SIDECAR_REDIRECT", "rules": [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
+        {"name": "SIDECAR_REDIRECT",
+         "rules": MIDSTREAM + [{"proto": "tcp", "verdict": "redirect", "port": s["outbound_port"]}]},
     ]
 
 

@@ -94,10 +94,22 @@ def test_nftables_verdicts(dest, direction, kw, verdict, chain, words):
 def test_the_path_lists_every_rule_met_with_its_counters():
     out = run(ipt("redirect-outbound.ipv4.save"), "10.89.0.2:8080", "inbound", HOST4)
     assert [(s["chain"], s["index"]) for s in out["path"]] == [
-        ("PREROUTING", 1), ("PREROUTING", 2), ("SIDECAR_INBOUND", 2), ("SIDECAR_IN_REDIRECT", 1)]
+        ("PREROUTING", 1), ("PREROUTING", 2), ("SIDECAR_INBOUND", 2), ("SIDECAR_IN_REDIRECT", 3)]
     assert all(s["counters"] == [0, 0] for s in out["path"])
     # the Docker jump is not ours, the jump into SIDECAR_INBOUND is
     assert [s["owned"] for s in out["path"]] == [False, True, True, True]
+
+
+def test_a_connections_first_packet_passes_the_midstream_returns():
+    """The RETURNs for packets without SYN (or with ACK) are evaluated, not noted: a new connection's
+    first packet is a SYN, so they never decide; a rule that wanted other flags would."""
+    text = (REC / "redirect-outbound.ipv4.save").read_text()
+    assert "! --tcp-flags SYN SYN -j RETURN" in text and "tcp flags ! syn" in (REC / "tproxy-outbound.nft.list").read_text()
+    flipped = text.replace("-A SIDECAR_IN_REDIRECT -p tcp -m tcp ! --tcp-flags SYN SYN -j RETURN",
+                           "-A SIDECAR_IN_REDIRECT -p tcp -m tcp --tcp-flags SYN SYN -j RETURN")
+    out = run(ex.from_iptables(flipped), "10.89.0.2:8080", "inbound", HOST4)
+    assert out["verdict"] != "captured" and out["rule"]["chain"] == "SIDECAR_IN_REDIRECT", out
+    assert out["notes"] == []
 
 
 def test_a_match_explain_cannot_evaluate_is_named():
