@@ -132,10 +132,15 @@ def routes(conf, state):
         flag = "-6" if family == "ipv6" else "-4"
         if conf["mode"] == "tproxy":
             rule = ["rule", "del", "fwmark", conf["mark"], "lookup", str(conf["table"])]
-            while run(["ip", flag] + rule, check=False).returncode == 0:
+            # a repair leaves an intact family's rule alone: deleting and adding it again opened a window
+            # without it (seen as drift of the intact ipv6 rule while the ipv4 one was repaired)
+            missing = "%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], conf["table"]) in routes_drift(
+                dict(conf, families=[family]))
+            while (state != "present" or missing) and run(["ip", flag] + rule, check=False).returncode == 0:
                 pass
             if state == "present":
-                run(["ip", flag, "rule", "add", "fwmark", conf["mark"], "lookup", str(conf["table"])])
+                if missing:
+                    run(["ip", flag, "rule", "add", "fwmark", conf["mark"], "lookup", str(conf["table"])])
                 run(["ip", flag, "route", "replace", "local", "default", "dev", "lo", "table", str(conf["table"])])
             else:
                 run(["ip", flag, "route", "del", "local", "default", "dev", "lo", "table", str(conf["table"])],
