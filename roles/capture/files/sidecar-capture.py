@@ -105,18 +105,23 @@ def _ip_json(args):
         return []
 
 
+def has_fwmark_rule(conf, flag):
+    """True when the family (flag -4/-6) has our `ip rule fwmark MARK/MASK lookup TABLE`."""
+    mark, _sep, mask = conf["mark"].partition("/")
+    want = (int(mark, 16), int(mask or "0xffffffff", 16))
+    return any(str(r.get("table")) == str(conf["table"]) and "fwmark" in r
+               and (int(str(r["fwmark"]), 16), int(str(r.get("fwmask", "0xffffffff")), 16)) == want
+               for r in _ip_json([flag, "rule", "show"]))
+
+
 def routes_drift(conf):
     """What is missing of the TPROXY policy routing and of the IPv6 passthrough source ::6."""
     drift = []
-    mark, _sep, mask = conf["mark"].partition("/")
-    want = (int(mark, 16), int(mask or "0xffffffff", 16))
     table = str(conf["table"])
     for family in conf["families"]:
         flag = "-6" if family == "ipv6" else "-4"
         if conf["mode"] == "tproxy":
-            if not [r for r in _ip_json([flag, "rule", "show"])
-                    if str(r.get("table")) == table and "fwmark" in r
-                    and (int(str(r["fwmark"]), 16), int(str(r.get("fwmask", "0xffffffff")), 16)) == want]:
+            if not has_fwmark_rule(conf, flag):
                 drift.append("%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], table))
             if not [r for r in _ip_json([flag, "route", "show", "table", table]) if r.get("type") == "local"]:
                 drift.append("%s: no local default route in table %s" % (family, table))
@@ -134,8 +139,7 @@ def routes(conf, state):
             rule = ["rule", "del", "fwmark", conf["mark"], "lookup", str(conf["table"])]
             # a repair leaves an intact family's rule alone: deleting and adding it again opened a window
             # without it (seen as drift of the intact ipv6 rule while the ipv4 one was repaired)
-            missing = "%s: no ip rule fwmark %s lookup %s" % (family, conf["mark"], conf["table"]) in routes_drift(
-                dict(conf, families=[family]))
+            missing = not has_fwmark_rule(conf, flag)
             while (state != "present" or missing) and run(["ip", flag] + rule, check=False).returncode == 0:
                 pass
             if state == "present":
