@@ -157,3 +157,36 @@ def test_ipv6_inbound_and_outbound_are_intercepted_with_original_destination(hos
     assert any(e.get("direction") == "inbound" and e.get("dst") == "[%s]:8080" % mine for e in entries), entries
     assert any(e.get("direction") == "outbound" and e.get("dst") == "[%s]:8080" % theirs for e in entries), entries
     assert not [e for e in entries if e.get("src", "").startswith(("[::6]", "[::1]"))], entries  # no loop
+
+
+# The container in prepare.yml: network namespace scapctr behind the bridge docker0, MASQUERADE'd out,
+# its :80 (a line echo server) published as the host's :18080.
+_ASK = ("import socket, sys; c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); "
+        "c.sendall(sys.argv[3].encode() + b'\\n'); print(c.makefile('rb').readline().decode().strip())")
+_GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).status)"
+
+
+def _in_container(h, script, *args):
+    if h.backend.get_hostname().startswith("nftables-"):
+        pytest.skip("the nftables scenario's hosts have no container network (only redirect and tproxy do)")
+    return h.run("ip netns exec scapctr python3 -c %s" + " %s" * len(args), script, *args)
+
+
+def test_forwarded_container_traffic_is_not_captured(host):
+    """Outbound from a container on this host (forwarded, MASQUERADE) to the peer's published port
+    reaches the peer's container; neither host's proxy sees that connection. The container's
+    connection to the peer's own app port is forwarded here too, and captured inbound by the peer."""
+    peer = _peer(host)
+    since, peer_since = _cursor(host), _cursor(peer)
+    ask = _in_container(host, _ASK, _ip(peer), "18080", "hello")
+    assert ask.stdout.strip() == "ctr hello", (ask.rc, ask.stderr)
+    get = _in_container(host, _GET, "http://%s:8080/" % _ip(peer))
+    assert get.stdout.strip() == "200", (get.rc, get.stderr)
+    _settle()
+    mine = [e for e in _log_since(host, since) if e.get("direction")]
+    theirs = _log_since(peer, peer_since)
+    assert mine == [], mine  # forwarded through this host: neither outbound nor inbound capture
+    assert [e for e in theirs if e.get("dst", "").endswith((":18080", ":80"))] == [], theirs
+    # the peer's app port is captured as usual, from this host's (masqueraded) address
+    assert any(e.get("direction") == "inbound" and e.get("dst") == "%s:8080" % _ip(peer)
+               and e.get("src", "").startswith(_ip(host) + ":") for e in theirs), theirs
