@@ -24,7 +24,11 @@ record() {  # record NAME RC LOGFILE
   if [ "$2" -eq 0 ]; then
     PASSED=$((PASSED + 1)); RESULTS+=("PASS  $1")
   else
-    FAILED=$((FAILED + 1)); RESULTS+=("FAIL  $1  (log: ${3#"$SIDECAR_REPO"/})")
+    # the first line that says why, in the summary too: CI shows only the end of the output
+    local why
+    why="$(grep -m1 -E 'fatal: \[|FAILED!|^E +[A-Za-z]|Traceback|ERROR!|CRITICAL' "$3" 2>/dev/null | tr -s ' ' | cut -c1-300)"
+    FAILED=$((FAILED + 1)); RESULTS+=("FAIL  $1  (log: ${3#"$SIDECAR_REPO"/})${why:+
+          first error: $why}")
     printf '\n----- %s failed; last lines of %s -----\n' "$1" "$3"; tail -n 60 "$3"; echo '-----'
   fi
 }
