@@ -130,12 +130,14 @@ def open_socket(host: str, port: int, timeout: float, as_gid: int | None) -> soc
         os.setegid(saved)
 
 
-def connect(host: str, port: int, count: int, timeout: float, as_gid: int | None = None) -> int:
-    emit(connect_result(host, port, count, timeout, as_gid))
+def connect(host: str, port: int, count: int, timeout: float, as_gid: int | None = None,
+            no_data: bool = False) -> int:
+    emit(connect_result(host, port, count, timeout, as_gid, no_data))
     return 0
 
 
-def connect_result(host: str, port: int, count: int, timeout: float, as_gid: int | None = None) -> dict:
+def connect_result(host: str, port: int, count: int, timeout: float, as_gid: int | None = None,
+                   no_data: bool = False) -> dict:
     results = []
     for i in range(count):
         t0 = time.monotonic()
@@ -143,15 +145,16 @@ def connect_result(host: str, port: int, count: int, timeout: float, as_gid: int
         try:
             with open_socket(host, port, timeout, as_gid) as sock:
                 item["local"] = "{}:{}".format(*sock.getsockname()[:2])
-                sock.sendall(b"probe-%d\n" % i)
-                sock.shutdown(socket.SHUT_WR)
-                data = b""
-                while len(data) < 4096:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                item["reply"] = data.decode("utf-8", "replace").strip()
+                if not no_data:  # connected is all a trace needs: then send nothing to the service
+                    sock.sendall(b"probe-%d\n" % i)
+                    sock.shutdown(socket.SHUT_WR)
+                    data = b""
+                    while len(data) < 4096:
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    item["reply"] = data.decode("utf-8", "replace").strip()
                 item["ok"] = True
         except OSError as exc:
             item["error"] = f"{type(exc).__name__}: {exc}"
@@ -349,6 +352,9 @@ def pick_network(avoid: list, seed: int) -> ipaddress.IPv4Network:
     raise RuntimeError("no free link-local /30 for the probe namespace")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class _Stop(Exception):
     pass
 
@@ -363,75 +369,525 @@ def local(admin_port: int, port: int, count: int, timeout: float, avoid: list, u
     return 0
 
 
-def local_result(admin_port: int, port: int, count: int, timeout: float, avoid: list, unit: str, use_log: bool,
-                 log_file: str = "", prefix: str = NETNS_PREFIX) -> dict:
-    """Probe both directions of this host's capture without a second host (see the module doc)."""
-    pid = os.getpid()
-    name, veth_host, veth_ns = f"{prefix}{pid}", f"spr{pid}h", f"spr{pid}n"
-    out: dict = {"netns": name, "intercepted": False, "problems": [], "swept": sweep(prefix)}
-    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    listener = None
-    try:
-        net = pick_network(used_networks() + [ipaddress.ip_network(a, strict=False) for a in avoid], pid)
-        host_ip, ns_ip = (str(h) for h in list(net.hosts())[:2])
-        out.update(host_address=host_ip, netns_address=ns_ip, network=str(net))
+class ProbeNamespace:
+    """A temporary network namespace with a veth pair to this host, on a free link-local /30.
+
+    Named after this process (`sweep` tells a killed run's leftovers from a live one); used as a
+    context manager, it is removed on the way out whatever happened. `name`, `host_ip` (this host's
+    side of the pair), `ns_ip` (the namespace's side) and `network` are set once it exists.
+    """
+
+    def __init__(self, prefix: str = NETNS_PREFIX, avoid: list | None = None) -> None:
+        pid = os.getpid()
+        self.name, self.veth_host, self.veth_ns = f"{prefix}{pid}", f"spr{pid}h", f"spr{pid}n"
+        self.prefix = prefix
+        self.avoid = list(avoid or [])
+        self.host_ip = self.ns_ip = self.network = ""
+        self.swept: list = []
+        self.removed = False
+
+    def __enter__(self) -> ProbeNamespace:
+        self.swept = sweep(self.prefix)
         try:
-            ip_cmd("netns", "add", name)
+            self._create()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _create(self) -> None:
+        pid = os.getpid()
+        net = pick_network(used_networks() + [ipaddress.ip_network(a, strict=False) for a in self.avoid], pid)
+        self.host_ip, self.ns_ip = (str(h) for h in list(net.hosts())[:2])
+        self.network = str(net)
+        try:
+            ip_cmd("netns", "add", self.name)
         except RuntimeError as exc:
             hint = ("; a container needs CAP_SYS_ADMIN for network namespaces, or name a probe peer "
                     "(sidecar_rollout_probe_peer)") if "not permitted" in str(exc) else ""
             raise RuntimeError(f"{exc}{hint}") from None
-        ip_cmd("link", "add", veth_host, "type", "veth", "peer", "name", veth_ns)
-        ip_cmd("link", "set", veth_ns, "netns", name)
-        ip_cmd("addr", "add", f"{host_ip}/30", "dev", veth_host)
-        ip_cmd("link", "set", veth_host, "up")
-        ip_cmd("-n", name, "link", "set", "lo", "up")
-        ip_cmd("-n", name, "addr", "add", f"{ns_ip}/30", "dev", veth_ns)
-        ip_cmd("-n", name, "link", "set", veth_ns, "up")
-        me = [sys.executable, os.path.abspath(__file__)]
-        listener = subprocess.Popen(["ip", "netns", "exec", name, *me, "serve", "--port", str(port), "--notify"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
-        if listener.stdout is None or listener.stdout.readline().strip() != b"ready":
-            raise RuntimeError(f"the probe listener in {name} did not start on port {port}")
-        before = counters(admin_port)
-        since = time.time() - 1.0
-        # inbound: a client in the namespace, like a remote host, to the host's side of the pair
-        res = subprocess.run(["ip", "netns", "exec", name, *me, "connect", "--host", host_ip, "--port", str(port),
-                              "--count", str(count), "--timeout", str(timeout)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
-                             timeout=count * (timeout + 1) + 10, check=False)
+        ip_cmd("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+        ip_cmd("link", "set", self.veth_ns, "netns", self.name)
+        ip_cmd("addr", "add", f"{self.host_ip}/30", "dev", self.veth_host)
+        ip_cmd("link", "set", self.veth_host, "up")
+        ip_cmd("-n", self.name, "link", "set", "lo", "up")
+        ip_cmd("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns)
+        ip_cmd("-n", self.name, "link", "set", self.veth_ns, "up")
+
+    def exec_args(self) -> list:
+        """The command prefix that runs a program inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def remove(self) -> None:
+        # a second signal must not interrupt the removal: it is delivered (and raises) afterwards
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            out["inbound"] = json.loads(res.stdout.decode() or "{}")
-        except ValueError:
-            out["inbound"] = {"replied": 0, "results": [{"error": res.stderr.decode("utf-8", "replace")[-300:]}]}
-        # outbound: this host, like an app, to the listener in the namespace
-        out["outbound"] = connect_result(ns_ip, port, count, timeout)
-        ev = evidence_result(admin_port, since, before,
-                             [f"outbound={ns_ip}:{port}", f"inbound={host_ip}:{port}"],
-                             timeout, unit, use_log, log_file)
-        out["evidence"] = ev
-        out["delta"] = ev["delta"]
-        problems = list(ev["problems"])
-        for direction, src, dst in (("inbound", name, host_ip), ("outbound", "this host", ns_ip)):
-            r = out[direction]
-            if int(r.get("replied", 0)) < count:
-                err = next((x.get("error") for x in r.get("results", []) if x.get("error")), "") or "no reply"
-                problems.append(f"{direction} probe from {src} to {dst}:{port}: {r.get('replied', 0)}/{count} "
-                                f"replies from the probe listener ({err})")
-        out["problems"] = problems
-        out["intercepted"] = not problems
+            _remove_netns(self.name)
+            ip_cmd("link", "del", self.veth_host, check=False)
+            self.removed = self.name not in ip_cmd("netns", "list", check=False).split()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _Signals:
+    """SIGTERM/SIGINT/SIGHUP raise _Stop inside the block (so finally clauses run); restored after."""
+
+    def __enter__(self) -> _Signals:
+        self.old = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def local_result(admin_port: int, port: int, count: int, timeout: float, avoid: list, unit: str, use_log: bool,
+                 log_file: str = "", prefix: str = NETNS_PREFIX) -> dict:
+    """Probe both directions of this host's capture without a second host (see the module doc)."""
+    pns = ProbeNamespace(prefix, avoid)
+    name = pns.name
+    out: dict = {"netns": name, "intercepted": False, "problems": []}
+    listener = None
+    try:
+        with _Signals(), pns:
+            out["swept"] = pns.swept
+            host_ip, ns_ip = pns.host_ip, pns.ns_ip
+            out.update(host_address=host_ip, netns_address=ns_ip, network=pns.network)
+            me = [sys.executable, os.path.abspath(__file__)]
+            try:
+                listener = subprocess.Popen([*pns.exec_args(), *me, "serve", "--port", str(port), "--notify"],
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+                if listener.stdout is None or listener.stdout.readline().strip() != b"ready":
+                    raise RuntimeError(f"the probe listener in {name} did not start on port {port}")
+                before = counters(admin_port)
+                since = time.time() - 1.0
+                # inbound: a client in the namespace, like a remote host, to the host's side of the pair
+                res = subprocess.run([*pns.exec_args(), *me, "connect", "--host", host_ip, "--port", str(port),
+                                      "--count", str(count), "--timeout", str(timeout)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                                     timeout=count * (timeout + 1) + 10, check=False)
+                try:
+                    out["inbound"] = json.loads(res.stdout.decode() or "{}")
+                except ValueError:
+                    out["inbound"] = {"replied": 0,
+                                      "results": [{"error": res.stderr.decode("utf-8", "replace")[-300:]}]}
+                # outbound: this host, like an app, to the listener in the namespace
+                out["outbound"] = connect_result(ns_ip, port, count, timeout)
+                ev = evidence_result(admin_port, since, before,
+                                     [f"outbound={ns_ip}:{port}", f"inbound={host_ip}:{port}"],
+                                     timeout, unit, use_log, log_file)
+                out["evidence"] = ev
+                out["delta"] = ev["delta"]
+                problems = list(ev["problems"])
+                for direction, src, dst in (("inbound", name, host_ip), ("outbound", "this host", ns_ip)):
+                    r = out[direction]
+                    if int(r.get("replied", 0)) < count:
+                        err = next((x.get("error") for x in r.get("results", []) if x.get("error")), "") or "no reply"
+                        problems.append(f"{direction} probe from {src} to {dst}:{port}: {r.get('replied', 0)}/{count} "
+                                        f"replies from the probe listener ({err})")
+                out["problems"] = problems
+                out["intercepted"] = not problems
+            finally:
+                if listener is not None:
+                    listener.kill()
+                    listener.wait(timeout=10)
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError, _Stop) as exc:
         out["problems"].append(f"local probe: {exc}")
-    finally:
-        if listener is not None:
-            listener.kill()
-            listener.wait(timeout=10)
-        _remove_netns(name)
-        ip_cmd("link", "del", veth_host, check=False)
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    out.setdefault("swept", pns.swept)
     out["removed"] = name not in ip_cmd("netns", "list", check=False).split()
     return out
+
+
+# ----------------------------------------------------------------------------- trace
+# One real probe connection, traced by the kernel. Only the probe's SYN is marked for tracing (its
+# addresses and ports), by a temporary object named after this process:
+#   native nftables: table inet sidecar_trace_<pid> (prerouting/output chains at priority -350, before
+#                    raw), read with `nft monitor trace`;
+#   iptables-nft:    chain SCTRACE_<pid> with a -j TRACE rule, jumped to from the first rule of the
+#                    PREROUTING/OUTPUT chain of the earliest table the host already has (raw, else
+#                    mangle, else nat: creating a table would leave it behind), read with
+#                    `xtables-monitor --trace`;
+#   iptables-legacy: TRACE goes to the kernel log; not read here (the result says so).
+TRACE_TABLE = "sidecar_trace_"
+TRACE_CHAIN = "SCTRACE_"
+TRACE_RE = re.compile(r"^(?:sidecar_trace_|SCTRACE_)(\d+)$")
+OWNED_NFT_TABLE = "sidecar_intercept"
+OWNED_CHAIN_PREFIX = "SIDECAR_"
+XT_VERDICTS = {"0xffffffff": "continue", "0xfffffffe": "break", "0xfffffffd": "jump", "0xfffffffc": "goto",
+               "0xfffffffb": "return"}
+_NFT_LINE = re.compile(r"^trace id (\S+) (\S+) (\S+) (\S+) (.*)$")
+_NFT_RULE = re.compile(r"^rule (.*?)(?: # handle (\d+))? \(verdict (.*)\)$")
+_XT_TRACE = re.compile(r"^\s*TRACE: (\d+) (\S+) (\S+?)(?:\s+(.*))?$")
+_XT_PACKET = re.compile(r"^\s*PACKET: (\d+) (\S+) (.*)$")
+_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+
+
+def _step(family: str, table: str, chain: str, handle: str, rule: str, verdict: str, pkt: str) -> dict:
+    word, _sep, target = verdict.strip().partition(" ")
+    verdict = (word.lower() + " " + target).strip()  # the verdict's word in lower case, a chain name as it is
+    ours = (table == OWNED_NFT_TABLE or chain.startswith(OWNED_CHAIN_PREFIX)
+            or verdict.startswith(("jump " + OWNED_CHAIN_PREFIX, "goto " + OWNED_CHAIN_PREFIX)))
+    low = rule.lower()
+    action = ""
+    if verdict == "return":
+        action = "RETURN"
+    elif verdict.startswith(("accept", "stolen", "drop")):
+        for word in ("tproxy", "redirect", "dnat", "masquerade", "drop", "reject"):
+            if re.search(r"(^|[\s-])%s\b" % word, low):
+                action = word.upper()
+                break
+    return {"family": family, "table": table, "chain": chain, "handle": handle, "rule": rule,
+            "verdict": verdict, "ours": ours, "action": action, "packet": pkt}
+
+
+def parse_nft_trace(text: str, marker_table: str) -> dict:
+    """`nft [-a] monitor trace` output -> the steps of the packets our marker table marked, in order.
+
+    Steps inside the marker table itself are left out; rule counters are shortened to `counter`."""
+    events = []
+    marked = []
+    packets: dict = {}
+    for line in text.splitlines():
+        m = _NFT_LINE.match(line.strip())
+        if not m:
+            continue
+        tid, family, table, chain, rest = m.groups()
+        if table == marker_table:
+            if tid not in marked:
+                marked.append(tid)
+            continue
+        if rest.startswith("packet:"):
+            packets.setdefault(tid, rest[len("packet:"):].strip())
+            continue
+        r = _NFT_RULE.match(rest)
+        if r:
+            rule, handle, verdict = r.group(1), r.group(2) or "", r.group(3)
+        elif rest.startswith(("policy ", "verdict ")):
+            rule, handle, verdict = rest.split(" ", 1)[0], "", rest.split(" ", 1)[1]
+        else:
+            continue
+        events.append((tid, _step(family, table, chain, handle, _COUNTER.sub("counter", rule).strip(), verdict, tid)))
+    steps = [st for tid, st in events if tid in marked]
+    return {"packets": [{"id": t, "packet": packets.get(t, "")} for t in marked], "steps": steps}
+
+
+def parse_xtables_trace(text: str, marker_chain: str) -> dict:
+    """`xtables-monitor --trace` output -> the steps of the packets our marker chain marked, in order.
+
+    Verdict codes the tool prints as numbers (0xfffffffb) become words (return); the marker chain's
+    own steps and the jumps to it are left out; rule text loses its `-4 -t TABLE ` prefix."""
+    events = []
+    marked = []
+    packets: dict = {}
+    for line in text.splitlines():
+        p = _XT_PACKET.match(line)
+        if p:
+            packets.setdefault(p.group(2), p.group(3).strip())
+            continue
+        m = _XT_TRACE.match(line)
+        if not m:
+            continue
+        fam, tid, head, rule = m.group(1), m.group(2), m.group(3), (m.group(4) or "").strip()
+        parts = head.split(":")
+        if len(parts) < 4:
+            continue
+        table, chain, kind, rest = parts[0], parts[1], parts[2], parts[3:]
+        if chain == marker_chain:
+            if tid not in marked:
+                marked.append(tid)
+            continue
+        if kind == "rule":
+            handle, verdict = rest[0], ":".join(rest[1:])
+            word = XT_VERDICTS.get(verdict.lower(), verdict)
+            verdict = word.replace(":", " ", 1) if word.upper().startswith(("JUMP:", "GOTO:")) else word
+        else:
+            handle, verdict = "", ":".join(rest)
+        if verdict.lower().split(" ")[-1] == marker_chain.lower():
+            continue
+        rule = re.sub(r"^-[46] -t \S+ ", "", rule) if kind == "rule" else kind
+        family = {"2": "ipv4", "10": "ipv6"}.get(fam, fam)
+        events.append((tid, _step(family, table, chain, handle, rule, verdict, tid)))
+    steps = [st for tid, st in events if tid in marked]
+    return {"packets": [{"id": t, "packet": packets.get(t, "")} for t in marked], "steps": steps}
+
+
+def parse_destination(text: str) -> tuple:
+    """IP:PORT or [IPv6]:PORT -> (family, address, port); ValueError naming the value."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([0-9.]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f"destination must be IP:PORT or [IPv6]:PORT, got {text!r}")
+    addr = ipaddress.ip_address(m.group(1))
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"destination port out of range in {text!r}")
+    return ("ipv6" if addr.version == 6 else "ipv4"), str(addr), port
+
+
+def _run(cmd: list, stdin: str = "", timeout: float = 15) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, input=stdin.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                          timeout=timeout, check=False)
+
+
+def _which(name: str) -> str:
+    for d in ENV["PATH"].split(":"):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    return ""
+
+
+def _iptables_kind(backend: str, family: str) -> tuple:
+    """(iptables command, '' or why there is no trace) for an iptables backend."""
+    base = "ip6tables" if family == "ipv6" else "iptables"
+    if backend == "plain":
+        ver = _run([base, "-V"]).stdout.decode("utf-8", "replace") if _which(base) else ""
+        backend = "nft" if "nf_tables" in ver else "legacy"
+        cmd = base
+    else:
+        cmd = f"{base}-{backend}"
+    if backend == "legacy":
+        return cmd, ("iptables-legacy sends TRACE to the kernel log, which is not read here; "
+                     "no traced path (the verdict above is computed from the rules)")
+    if not _which(cmd) or not _which("xtables-monitor"):
+        return cmd, f"{cmd} or xtables-monitor is not installed"
+    return cmd, ""
+
+
+def _nft_trace_table(name: str, family: str, chain: str, match: str) -> str:
+    hook = "prerouting" if chain == "prerouting" else "output"
+    return (f"table inet {name} {{\n\tchain {hook} {{\n\t\ttype filter hook {hook} priority -350; policy accept;\n"
+            f"\t\t{match} tcp flags & (syn | ack) == syn meta nftrace set 1\n\t}}\n}}\n")
+
+
+def sweep_trace() -> list:
+    """Remove the trace tables/chains of runs that are gone (killed before their own cleanup)."""
+    removed = []
+    if _which("nft"):
+        for line in _run(["nft", "list", "tables"]).stdout.decode("utf-8", "replace").splitlines():
+            parts = line.split()
+            m = TRACE_RE.match(parts[-1]) if len(parts) == 3 else None
+            if m and parts[1] == "inet" and not _alive(int(m.group(1))):
+                _run(["nft", "delete", "table", "inet", parts[-1]])
+                removed.append(parts[-1])
+    for base in ("iptables", "ip6tables"):
+        for cmd in (f"{base}-nft", base):
+            if not _which(cmd) or not _which(f"{cmd}-save"):
+                continue
+            table = ""
+            for line in _run([f"{cmd}-save"]).stdout.decode("utf-8", "replace").splitlines():
+                if line.startswith("*"):
+                    table = line[1:]
+                m = re.match(r"^:(SCTRACE_(\d+)) ", line)
+                if m and not _alive(int(m.group(2))):
+                    for hook in ("PREROUTING", "OUTPUT"):
+                        while _run([cmd, "-t", table, "-D", hook, "-j", m.group(1)]).returncode == 0:
+                            pass
+                    _run([cmd, "-t", table, "-F", m.group(1)])
+                    _run([cmd, "-t", table, "-X", m.group(1)])
+                    removed.append(f"{table}/{m.group(1)}")
+            break
+    return removed
+
+
+class _Tracer:
+    """The temporary marker (nft table or iptables chain) and the monitor reading the trace."""
+
+    def __init__(self, backend: str, family: str, direction: str, timeout: float) -> None:
+        self.backend, self.family, self.direction, self.timeout = backend, family, direction, timeout
+        pid = os.getpid()
+        self.table, self.chain = f"{TRACE_TABLE}{pid}", f"{TRACE_CHAIN}{pid}"
+        self.hook = "PREROUTING" if direction == "inbound" else "OUTPUT"
+        self.cmd, self.reason = ("", "") if backend == "nftables" else _iptables_kind(backend, family)
+        if backend == "nftables" and not _which("nft"):
+            self.reason = "nft is not installed"
+        self.tool = "nft monitor trace" if backend == "nftables" else "xtables-monitor --trace"
+        self.xt_table = ""
+        self.monitor: subprocess.Popen | None = None
+        self.created: list = []
+
+    def start(self, src: str, dst: str, dport: int, sport: int = 0) -> None:
+        v = "ip6" if self.family == "ipv6" else "ip"
+        if self.backend == "nftables":
+            match = f"{v} daddr {dst} tcp dport {dport}" + (f" {v} saddr {src}" if src else "")
+            match += f" tcp sport {sport}" if sport else ""
+            res = _run(["nft", "-f", "-"], _nft_trace_table(self.table, self.family, self.hook.lower(), match))
+            if res.returncode != 0:
+                raise RuntimeError("nft: " + res.stderr.decode("utf-8", "replace").strip())
+            self.created.append("table")
+            mon = ["nft", "-a", "monitor", "trace"]
+        else:
+            tables = [ln[1:] for ln in _run([f"{self.cmd}-save"]).stdout.decode("utf-8", "replace").splitlines()
+                      if ln.startswith("*")]
+            self.xt_table = next((t for t in ("raw", "mangle", "nat") if t in tables), "")
+            if not self.xt_table:
+                raise RuntimeError(f"{self.cmd}: no raw, mangle or nat table to trace from (no capture rules?)")
+            rule = ["-p", "tcp", "-d", dst, "--dport", str(dport), "--tcp-flags", "SYN,ACK", "SYN", "-j", "TRACE"]
+            rule += ["-s", src] if src else []
+            rule += ["--sport", str(sport)] if sport else []
+            for step in (["-N", self.chain], ["-A", self.chain, *rule], ["-I", self.hook, "1", "-j", self.chain]):
+                res = _run([self.cmd, "-w", "5", "-t", self.xt_table, *step])
+                if res.returncode != 0:
+                    raise RuntimeError("{} {}: {}".format(self.cmd, " ".join(step), res.stderr.decode().strip()))
+                self.created.append(step[0])
+            mon = ["xtables-monitor", "--trace", "-6" if self.family == "ipv6" else "-4"]
+        # bounded even when this process is killed outright (coreutils timeout ends the monitor)
+        self.monitor = subprocess.Popen(["timeout", str(int(self.timeout) + 15), *mon], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=ENV)
+        time.sleep(0.5)  # the monitor subscribes to the trace events
+        if self.monitor.poll() is not None:
+            raise RuntimeError("{} exited: {}".format(" ".join(mon), self.monitor.stderr.read().decode().strip()
+                                                      if self.monitor.stderr else ""))
+
+    def finish(self) -> str:
+        """Stop the monitor and return what it printed."""
+        if self.monitor is None:
+            return ""
+        time.sleep(0.5)  # the last events of the probe
+        self.monitor.terminate()
+        try:
+            out, _err = self.monitor.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.monitor.kill()
+            out, _err = self.monitor.communicate(timeout=5)
+        self.monitor = None
+        return out.decode("utf-8", "replace")
+
+    def remove(self) -> dict:
+        """Remove everything temporary; what is left afterwards (empty when all is gone)."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if self.monitor is not None:
+                self.monitor.kill()
+                self.monitor.wait(timeout=5)
+                self.monitor = None
+            left = []
+            if self.backend == "nftables" and _which("nft"):
+                _run(["nft", "delete", "table", "inet", self.table])
+                if _run(["nft", "list", "table", "inet", self.table]).returncode == 0:
+                    left.append(f"table inet {self.table}")
+            elif self.xt_table and self.created:
+                t = [self.cmd, "-w", "5", "-t", self.xt_table]
+                while _run([*t, "-D", self.hook, "-j", self.chain]).returncode == 0:
+                    pass
+                _run([*t, "-F", self.chain])
+                _run([*t, "-X", self.chain])
+                if self.chain in _run([f"{self.cmd}-save", "-t", self.xt_table]).stdout.decode("utf-8", "replace"):
+                    left.append(f"{self.xt_table} chain {self.chain}")
+            return {"left": left}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _local_addresses(family: str) -> list:
+    links = json.loads(ip_cmd("-6" if family == "ipv6" else "-4", "-j", "addr", "show", check=False) or "[]")
+    return [a.get("local") for link in links for a in link.get("addr_info", []) if a.get("local")]
+
+
+def _outbound_probe(family: str, dst: str, port: int, uid: int | None, gid: int | None, timeout: float,
+                    tracer: _Tracer) -> dict:
+    """Open one connection from this host to dst:port as uid/gid (the socket's owner), traced."""
+    af = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
+    saved = (os.getegid(), os.geteuid())
+    try:
+        if gid is not None:
+            os.setegid(gid)
+        if uid is not None:
+            os.seteuid(uid)
+        sock = socket.socket(af, socket.SOCK_STREAM)
+    finally:
+        os.seteuid(saved[1])
+        os.setegid(saved[0])
+    item = {"ok": False, "error": ""}
+    with sock:
+        sock.bind(("::" if af == socket.AF_INET6 else "0.0.0.0", 0))
+        sport = sock.getsockname()[1]
+        item["local_port"] = sport
+        tracer.start("", dst, port, sport)
+        sock.settimeout(timeout)
+        t0 = time.monotonic()
+        try:
+            sock.connect((dst, port))
+            item["ok"] = True
+        except OSError as exc:
+            item["error"] = f"{type(exc).__name__}: {exc}"
+        item["ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+    return item
+
+
+def trace_result(destination: str, direction: str, backend: str, uid: int | None, gid: int | None,
+                 timeout: float, prefix: str = NETNS_PREFIX, avoid: list | None = None) -> dict:
+    """One real probe connection to `destination`, and the path the kernel traced for it."""
+    out: dict = {"available": False, "reason": "", "destination": destination, "direction": direction,
+                 "backend": backend, "tool": "", "steps": [], "packets": [], "probe": {}, "problems": [],
+                 "left": []}
+    try:
+        family, addr, port = parse_destination(destination)
+    except ValueError as exc:
+        out["reason"] = str(exc)
+        return out
+    if backend not in ("nftables", "nft", "legacy", "plain"):
+        out["reason"] = "no capture rules on this host (backend {}): nothing to trace".format(backend or "none")
+        return out
+    if direction == "inbound":
+        if family == "ipv6":
+            out["reason"] = "an IPv6 inbound probe is not implemented (the probe namespace is IPv4 only)"
+            return out
+        if addr not in _local_addresses(family) or ipaddress.ip_address(addr).is_loopback:
+            out["reason"] = (f"{addr} is not a (non-loopback) address of this host: an inbound probe from a "
+                             "namespace would be forwarded, not traced here")
+            return out
+    tracer = _Tracer(backend, family, direction, timeout)
+    out["tool"] = tracer.tool
+    if tracer.reason:
+        out["reason"] = tracer.reason
+        return out
+    out["swept"] = sweep_trace()
+    text = ""
+    try:
+        with _Signals():
+            try:
+                if direction == "outbound":
+                    out["probe"] = _outbound_probe(family, addr, port, uid, gid, timeout, tracer)
+                else:
+                    with ProbeNamespace(prefix, avoid) as pns:
+                        out["netns"] = pns.name
+                        ip_cmd("-n", pns.name, "route", "add", "default", "via", pns.host_ip)
+                        tracer.start(pns.ns_ip, addr, port)
+                        me = [sys.executable, os.path.abspath(__file__)]
+                        res = subprocess.run([*pns.exec_args(), *me, "connect", "--host", addr, "--port", str(port),
+                                              "--timeout", str(timeout), "--no-data"],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                                             timeout=timeout + 10, check=False)
+                        try:
+                            r = (json.loads(res.stdout.decode() or "{}").get("results") or [{}])[0]
+                        except ValueError:
+                            r = {"ok": False, "error": res.stderr.decode("utf-8", "replace")[-300:]}
+                        out["probe"] = {"ok": r.get("ok", False), "error": r.get("error", ""), "ms": r.get("ms"),
+                                        "source": pns.ns_ip}
+                        text = tracer.finish()
+                    out["netns_removed"] = pns.removed
+                text = text or tracer.finish()
+            finally:
+                out["left"] = tracer.remove()["left"]
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError, _Stop) as exc:
+        out["problems"].append(f"trace: {exc}")
+        text = ""
+    parsed = parse_nft_trace(text, tracer.table) if backend == "nftables" else parse_xtables_trace(text, tracer.chain)
+    out.update(parsed)
+    out["available"] = bool(out["steps"])
+    if not out["steps"] and not out["reason"]:
+        out["reason"] = "; ".join(out["problems"]) or "the kernel traced no packet of the probe"
+    for what in out["left"]:
+        out["problems"].append(f"left behind: {what}")
+    return out
+
+
+def trace(destination: str, direction: str, backend: str, uid: int | None, gid: int | None, timeout: float,
+          prefix: str, avoid: list) -> int:
+    emit(trace_result(destination, direction, backend, uid, gid, timeout, prefix, avoid))
+    return 0
 
 
 def main(argv: list | None = None) -> int:
@@ -448,6 +904,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--as-gid", type=int, default=None, help="create the sockets with this effective GID (root)")
+    p.add_argument("--no-data", action="store_true", help="connect and close, send nothing")
     p = sub.add_parser("evidence")
     p.add_argument("--admin-port", type=int, required=True)
     p.add_argument("--since", type=float, required=True)
@@ -467,6 +924,15 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--no-log", action="store_true", help="check counters only (access log disabled)")
     p.add_argument("--log-file", default="", help="read the access log from this file, not the journal")
     p.add_argument("--prefix", default=NETNS_PREFIX, help="name prefix of the temporary namespace")
+    p = sub.add_parser("trace")
+    p.add_argument("--destination", required=True, help="IP:PORT or [IPv6]:PORT")
+    p.add_argument("--direction", choices=["inbound", "outbound"], required=True)
+    p.add_argument("--backend", required=True, help="nftables, nft, legacy or plain (explain's backend)")
+    p.add_argument("--uid", type=int, default=None, help="outbound: the probe socket's owner UID")
+    p.add_argument("--gid", type=int, default=None, help="outbound: the probe socket's owner GID")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--avoid", action="append", default=[], help="IPv4 network the probe pair must not use")
+    p.add_argument("--prefix", default=NETNS_PREFIX, help="name prefix of the temporary namespace")
     p = sub.add_parser("cleanup")
     p.add_argument("--prefix", default=NETNS_PREFIX, help="name prefix of the temporary namespaces")
     args = parser.parse_args(argv)
@@ -476,11 +942,9 @@ def main(argv: list | None = None) -> int:
     if args.cmd == "serve":
         return serve(args.port, args.notify)
     if args.cmd == "cleanup":
-        emit({"removed": sweep(args.prefix)})
+        emit({"removed": sweep(args.prefix) + sweep_trace()})
         return 0
-    if args.cmd in ("connect", "local") and not 1 <= args.count <= 20:
-        parser.error(f"--count must be 1..20, got {args.count}")
-    if args.cmd == "local":
+    if args.cmd in ("local", "trace"):
         for net in args.avoid:
             try:
                 ipaddress.IPv4Network(net, strict=False)
@@ -488,12 +952,27 @@ def main(argv: list | None = None) -> int:
                 parser.error(f"--avoid must be an IPv4 network, got {net!r}")
         if not re.match(r"^[A-Za-z0-9_.-]{1,16}$", args.prefix):
             parser.error(f"--prefix must be 1-16 letters, digits, '.', '_' or '-', got {args.prefix!r}")
+    if args.cmd == "trace":
+        try:
+            parse_destination(args.destination)
+        except ValueError as exc:
+            parser.error(str(exc))
+        for key in ("uid", "gid"):
+            if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 0xFFFFFFFE:
+                parser.error(f"--{key} out of range: {getattr(args, key)}")
+        if not 0.5 <= args.timeout <= 60:
+            parser.error(f"--timeout must be 0.5..60 seconds, got {args.timeout}")
+        return trace(args.destination, args.direction, args.backend, args.uid, args.gid, args.timeout,
+                     args.prefix, args.avoid)
+    if args.cmd in ("connect", "local") and not 1 <= args.count <= 20:
+        parser.error(f"--count must be 1..20, got {args.count}")
+    if args.cmd == "local":
         return local(args.admin_port, args.port, args.count, args.timeout, args.avoid, args.unit,
                      not args.no_log, args.log_file, args.prefix)
     if args.cmd == "snapshot":
         return snapshot(args.admin_port)
     if args.cmd == "connect":
-        return connect(args.host, args.port, args.count, args.timeout, args.as_gid)
+        return connect(args.host, args.port, args.count, args.timeout, args.as_gid, args.no_data)
     for spec in args.expect:
         if spec.partition("=")[0] not in ("inbound", "outbound") or not spec.partition("=")[2]:
             parser.error(f"--expect must be inbound=IP:PORT or outbound=IP:PORT, got {spec!r}")
