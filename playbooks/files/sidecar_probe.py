@@ -619,7 +619,10 @@ def parse_destination(text: str) -> tuple:
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([0-9.]+):(\d+)$", text)
     if not m:
         raise ValueError(f"destination must be IP:PORT or [IPv6]:PORT, got {text!r}")
-    addr = ipaddress.ip_address(m.group(1))
+    try:
+        addr = ipaddress.ip_address(m.group(1))
+    except ValueError:
+        raise ValueError(f"destination {text!r}: {m.group(1)!r} is not an IP address") from None
     port = int(m.group(2))
     if not 1 <= port <= 65535:
         raise ValueError(f"destination port out of range in {text!r}")
@@ -734,7 +737,7 @@ class _Tracer:
             mon = ["xtables-monitor", "--trace", "-6" if self.family == "ipv6" else "-4"]
         # bounded even when this process is killed outright (coreutils timeout ends the monitor)
         self.monitor = subprocess.Popen(["timeout", str(int(self.timeout) + 15), *mon], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=ENV)
+                                        stderr=subprocess.PIPE, env=ENV, start_new_session=True)
         time.sleep(0.5)  # the monitor subscribes to the trace events
         if self.monitor.poll() is not None:
             raise RuntimeError("{} exited: {}".format(" ".join(mon), self.monitor.stderr.read().decode().strip()
@@ -745,21 +748,34 @@ class _Tracer:
         if self.monitor is None:
             return ""
         time.sleep(0.5)  # the last events of the probe
-        self.monitor.terminate()
+        self._signal_monitor(signal.SIGTERM)
         try:
             out, _err = self.monitor.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            self.monitor.kill()
+            self._signal_monitor(signal.SIGKILL)
             out, _err = self.monitor.communicate(timeout=5)
         self.monitor = None
         return out.decode("utf-8", "replace")
+
+    def _signal_monitor(self, sig: int) -> None:
+        """The monitor and the `timeout` around it are a process group of their own: signal both."""
+        if self.monitor is not None:
+            try:
+                os.killpg(self.monitor.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def remove(self) -> dict:
         """Remove everything temporary; what is left afterwards (empty when all is gone)."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             if self.monitor is not None:
-                self.monitor.kill()
+                self._signal_monitor(signal.SIGTERM)
+                try:
+                    self.monitor.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._signal_monitor(signal.SIGKILL)
                 self.monitor.wait(timeout=5)
                 self.monitor = None
             left = []

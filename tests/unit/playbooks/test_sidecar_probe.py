@@ -198,3 +198,99 @@ def test_evidence_reads_an_access_log_file(capsys, admin, tmp_path):
                        "--before", '{"inbound": 0, "outbound": 0}', "--log-file", str(log),
                        "--expect", "outbound=10.89.0.3:15080", "--expect", "inbound=10.89.0.2:15080"])
     assert out["intercepted"] is True, out["problems"]
+
+
+# ----------------------------------------------------------------------------- trace parsers
+# recorded `xtables-monitor --trace` (iptables-nft 1.8.9) of an outbound SYN captured by our rules, with a
+# second packet (another TRACE user's) that our marker chain SCTRACE_4242 did not mark
+RECORDED_XTABLES = """\
+PACKET: 2 562e1a2a OUT=va SRC=10.250.0.1 DST=10.250.0.9 LEN=60 TOS=0x0 TTL=64 ID=62624 DF SPORT=43634 DPORT=8080 SYN
+ TRACE: 2 562e1a2a raw:SCTRACE_4242:rule:0x2:CONTINUE  -4 -t raw -A SCTRACE_4242 -p tcp -m tcp --dport 8080 -j TRACE
+ TRACE: 2 562e1a2a raw:OUTPUT:policy:ACCEPT
+PACKET: 2 562e1a2a OUT=va SRC=10.250.0.1 DST=10.250.0.9 LEN=60 TOS=0x0 TTL=64 ID=62624 DF SPORT=43634 DPORT=8080 SYN
+ TRACE: 2 562e1a2a nat:OUTPUT:rule:0x9:JUMP:SIDECAR_OUTPUT  -4 -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT
+ TRACE: 2 562e1a2a nat:SIDECAR_OUTPUT:rule:0x14:JUMP:SIDECAR_REDIRECT  -4 -t nat -A SIDECAR_OUTPUT -j SIDECAR_REDIRECT
+ TRACE: 2 562e1a2a nat:SIDECAR_REDIRECT:rule:0x17:ACCEPT  -4 -t nat -A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+PACKET: 2 0badf00d OUT=va SRC=10.250.0.1 DST=10.250.0.7 LEN=60 SPORT=40000 DPORT=443 SYN
+ TRACE: 2 0badf00d nat:OUTPUT:rule:0x9:JUMP:SIDECAR_OUTPUT  -4 -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT
+"""
+# an excluded port: RETURN is printed as a verdict code
+RECORDED_XTABLES_RETURN = """\
+PACKET: 2 52846582 IN=spr7h SRC=169.254.7.2 DST=10.250.0.1 LEN=60 SPORT=52528 DPORT=22 SYN
+ TRACE: 2 52846582 nat:SCTRACE_7:rule:0x2:CONTINUE  -4 -t nat -A SCTRACE_7 -s 169.254.7.2/32 -d 10.250.0.1/32 -p tcp -j TRACE
+ TRACE: 2 52846582 nat:PREROUTING:rule:0x7:JUMP:SIDECAR_INBOUND  -4 -t nat -A PREROUTING -p tcp -m addrtype --dst-type LOCAL -j SIDECAR_INBOUND
+ TRACE: 2 52846582 nat:SIDECAR_INBOUND:rule:0xa:0xfffffffb  -4 -t nat -A SIDECAR_INBOUND -p tcp -m tcp --dport 22 -j RETURN
+ TRACE: 2 52846582 nat:PREROUTING:policy:ACCEPT
+"""
+# recorded `nft -a monitor trace` (nftables 1.0.6) of an inbound SYN, TPROXY mode, marked by table sidecar_trace_99
+RECORDED_NFT = """\
+trace id 1c068fe0 inet sidecar_trace_99 prerouting packet: iif "spr99h" ip saddr 169.254.43.226 ip daddr 10.250.0.1 tcp sport 60732 tcp dport 8080 tcp flags == syn
+trace id 1c068fe0 inet sidecar_trace_99 prerouting rule ip daddr 10.250.0.1 tcp dport 8080 ip saddr 169.254.43.226 tcp flags & (syn | ack) == syn meta nftrace set 1 # handle 2 (verdict continue)
+trace id 1c068fe0 inet sidecar_trace_99 prerouting policy accept
+trace id 1c068fe0 inet sidecar_intercept MANGLE_PREROUTING packet: iif "spr99h" ip saddr 169.254.43.226 ip daddr 10.250.0.1 tcp sport 60732 tcp dport 8080 tcp flags == syn
+trace id 1c068fe0 inet sidecar_intercept MANGLE_PREROUTING rule fib daddr type local meta l4proto tcp counter packets 3 bytes 180 jump SIDECAR_INBOUND # handle 7 (verdict jump SIDECAR_INBOUND)
+trace id 1c068fe0 inet sidecar_intercept SIDECAR_INBOUND rule meta l4proto tcp counter packets 3 bytes 180 jump SIDECAR_TPROXY # handle 12 (verdict jump SIDECAR_TPROXY)
+trace id 1c068fe0 inet sidecar_intercept SIDECAR_TPROXY rule ip daddr != 127.0.0.1 meta l4proto tcp counter packets 1 bytes 60 meta mark set meta mark & 0xfffff539 | 0x00000539 tproxy ip to :15006 accept # handle 16 (verdict accept)
+trace id 1c068fe0 ip filter INPUT rule tcp dport 8080 counter packets 0 bytes 0 accept # handle 4 (verdict accept)
+trace id 77777777 inet firewalld filter_INPUT rule ct state established accept (verdict accept)
+"""
+
+
+def test_xtables_trace_parser_keeps_only_our_marked_packet_and_names_the_verdicts():
+    got = probe.parse_xtables_trace(RECORDED_XTABLES, "SCTRACE_4242")
+    assert [p["id"] for p in got["packets"]] == ["562e1a2a"]
+    assert got["packets"][0]["packet"].startswith("OUT=va SRC=10.250.0.1 DST=10.250.0.9")
+    steps = [(s["table"], s["chain"], s["handle"], s["verdict"], s["ours"], s["action"]) for s in got["steps"]]
+    assert steps == [
+        ("raw", "OUTPUT", "", "accept", False, ""),
+        ("nat", "OUTPUT", "0x9", "jump SIDECAR_OUTPUT", True, ""),
+        ("nat", "SIDECAR_OUTPUT", "0x14", "jump SIDECAR_REDIRECT", True, ""),
+        ("nat", "SIDECAR_REDIRECT", "0x17", "accept", True, "REDIRECT"),
+    ]
+    assert got["steps"][-1]["rule"] == "-A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
+    assert got["steps"][0]["rule"] == "policy" and got["steps"][-1]["family"] == "ipv4"
+
+
+def test_xtables_trace_parser_turns_verdict_codes_into_words():
+    got = probe.parse_xtables_trace(RECORDED_XTABLES_RETURN, "SCTRACE_7")
+    assert [(s["chain"], s["verdict"], s["action"]) for s in got["steps"]] == [
+        ("PREROUTING", "jump SIDECAR_INBOUND", ""), ("SIDECAR_INBOUND", "return", "RETURN"),
+        ("PREROUTING", "accept", "")]
+    assert not any("SCTRACE" in s["rule"] for s in got["steps"])
+
+
+def test_nft_trace_parser_keeps_only_our_marked_packet_and_shortens_counters():
+    got = probe.parse_nft_trace(RECORDED_NFT, "sidecar_trace_99")
+    assert [p["id"] for p in got["packets"]] == ["1c068fe0"]
+    assert "ip saddr 169.254.43.226" in got["packets"][0]["packet"]
+    steps = [(s["table"], s["chain"], s["handle"], s["verdict"], s["ours"], s["action"]) for s in got["steps"]]
+    assert steps == [
+        ("sidecar_intercept", "MANGLE_PREROUTING", "7", "jump SIDECAR_INBOUND", True, ""),
+        ("sidecar_intercept", "SIDECAR_INBOUND", "12", "jump SIDECAR_TPROXY", True, ""),
+        ("sidecar_intercept", "SIDECAR_TPROXY", "16", "accept", True, "TPROXY"),
+        ("filter", "INPUT", "4", "accept", False, ""),
+    ]
+    assert got["steps"][0]["rule"] == "fib daddr type local meta l4proto tcp counter jump SIDECAR_INBOUND"
+    assert "packets" not in got["steps"][2]["rule"]
+
+
+def test_trace_parsers_without_our_marker_find_nothing():
+    assert probe.parse_nft_trace(RECORDED_NFT, "sidecar_trace_1")["steps"] == []
+    assert probe.parse_xtables_trace(RECORDED_XTABLES, "SCTRACE_1")["steps"] == []
+    assert probe.parse_nft_trace("", "sidecar_trace_1") == {"packets": [], "steps": []}
+
+
+@pytest.mark.parametrize("text,want", [
+    ("10.0.0.5:8080", ("ipv4", "10.0.0.5", 8080)),
+    ("[fd00::5]:443", ("ipv6", "fd00::5", 443)),
+])
+def test_trace_destination(text, want):
+    assert probe.parse_destination(text) == want
+
+
+@pytest.mark.parametrize("text", ["10.0.0.5", "10.0.0.5:0", "10.0.0.5:70000", "fd00::5:443", "host:80", "10.0.0.300:80"])
+def test_trace_rejects_a_bad_destination_naming_it(capsys, text):
+    with pytest.raises(SystemExit) as exc:
+        probe.main(["trace", "--destination", text, "--direction", "inbound", "--backend", "nft"])
+    assert exc.value.code == 2
+    assert repr(text) in capsys.readouterr().err
