@@ -601,6 +601,7 @@ def parse_xtables_trace(text: str, marker_chain: str) -> dict:
             continue
         if kind == "rule":
             handle, verdict = rest[0], ":".join(rest[1:])
+            handle = str(int(handle, 16)) if re.match(r"^0x[0-9a-fA-F]+$", handle) else handle  # as nft -a shows it
             word = XT_VERDICTS.get(verdict.lower(), verdict)
             verdict = word.replace(":", " ", 1) if word.upper().startswith(("JUMP:", "GOTO:")) else word
         else:

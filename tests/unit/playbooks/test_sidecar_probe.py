@@ -243,9 +243,9 @@ def test_xtables_trace_parser_keeps_only_our_marked_packet_and_names_the_verdict
     steps = [(s["table"], s["chain"], s["handle"], s["verdict"], s["ours"], s["action"]) for s in got["steps"]]
     assert steps == [
         ("raw", "OUTPUT", "", "accept", False, ""),
-        ("nat", "OUTPUT", "0x9", "jump SIDECAR_OUTPUT", True, ""),
-        ("nat", "SIDECAR_OUTPUT", "0x14", "jump SIDECAR_REDIRECT", True, ""),
-        ("nat", "SIDECAR_REDIRECT", "0x17", "accept", True, "REDIRECT"),
+        ("nat", "OUTPUT", "9", "jump SIDECAR_OUTPUT", True, ""),
+        ("nat", "SIDECAR_OUTPUT", "20", "jump SIDECAR_REDIRECT", True, ""),
+        ("nat", "SIDECAR_REDIRECT", "23", "accept", True, "REDIRECT"),
     ]
     assert got["steps"][-1]["rule"] == "-A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
     assert got["steps"][0]["rule"] == "policy" and got["steps"][-1]["family"] == "ipv4"
