@@ -223,17 +223,23 @@ PACKET: 2 52846582 IN=spr7h SRC=169.254.7.2 DST=10.250.0.1 LEN=60 SPORT=52528 DP
  TRACE: 2 52846582 nat:PREROUTING:policy:ACCEPT
 """
 # recorded `nft -a monitor trace` (nftables 1.0.6) of an inbound SYN, TPROXY mode, marked by table sidecar_trace_99
-RECORDED_NFT = """\
-trace id 1c068fe0 inet sidecar_trace_99 prerouting packet: iif "spr99h" ip saddr 169.254.43.226 ip daddr 10.250.0.1 tcp sport 60732 tcp dport 8080 tcp flags == syn
-trace id 1c068fe0 inet sidecar_trace_99 prerouting rule ip daddr 10.250.0.1 tcp dport 8080 ip saddr 169.254.43.226 tcp flags & (syn | ack) == syn meta nftrace set 1 # handle 2 (verdict continue)
-trace id 1c068fe0 inet sidecar_trace_99 prerouting policy accept
-trace id 1c068fe0 inet sidecar_intercept MANGLE_PREROUTING packet: iif "spr99h" ip saddr 169.254.43.226 ip daddr 10.250.0.1 tcp sport 60732 tcp dport 8080 tcp flags == syn
-trace id 1c068fe0 inet sidecar_intercept MANGLE_PREROUTING rule fib daddr type local meta l4proto tcp counter packets 3 bytes 180 jump SIDECAR_INBOUND # handle 7 (verdict jump SIDECAR_INBOUND)
-trace id 1c068fe0 inet sidecar_intercept SIDECAR_INBOUND rule meta l4proto tcp counter packets 3 bytes 180 jump SIDECAR_TPROXY # handle 12 (verdict jump SIDECAR_TPROXY)
-trace id 1c068fe0 inet sidecar_intercept SIDECAR_TPROXY rule ip daddr != 127.0.0.1 meta l4proto tcp counter packets 1 bytes 60 meta mark set meta mark & 0xfffff539 | 0x00000539 tproxy ip to :15006 accept # handle 16 (verdict accept)
-trace id 1c068fe0 ip filter INPUT rule tcp dport 8080 counter packets 0 bytes 0 accept # handle 4 (verdict accept)
-trace id 77777777 inet firewalld filter_INPUT rule ct state established accept (verdict accept)
-"""
+_T = "trace id 1c068fe0 "
+_PKT = 'packet: iif "spr99h" ip saddr 169.254.43.226 ip daddr 10.250.0.1 tcp sport 60732 tcp dport 8080 tcp flags == syn'
+RECORDED_NFT = "\n".join([
+    _T + "inet sidecar_trace_99 prerouting " + _PKT,
+    _T + "inet sidecar_trace_99 prerouting rule ip daddr 10.250.0.1 tcp dport 8080 ip saddr 169.254.43.226 "
+    "tcp flags & (syn | ack) == syn meta nftrace set 1 # handle 2 (verdict continue)",
+    _T + "inet sidecar_trace_99 prerouting policy accept",
+    _T + "inet sidecar_intercept MANGLE_PREROUTING " + _PKT,
+    _T + "inet sidecar_intercept MANGLE_PREROUTING rule fib daddr type local meta l4proto tcp "
+    "counter packets 3 bytes 180 jump SIDECAR_INBOUND # handle 7 (verdict jump SIDECAR_INBOUND)",
+    _T + "inet sidecar_intercept SIDECAR_INBOUND rule meta l4proto tcp counter packets 3 bytes 180 "
+    "jump SIDECAR_TPROXY # handle 12 (verdict jump SIDECAR_TPROXY)",
+    _T + "inet sidecar_intercept SIDECAR_TPROXY rule ip daddr != 127.0.0.1 meta l4proto tcp counter packets 1 bytes 60 "
+    "meta mark set meta mark & 0xfffff539 | 0x00000539 tproxy ip to :15006 accept # handle 16 (verdict accept)",
+    _T + "ip filter INPUT rule tcp dport 8080 counter packets 0 bytes 0 accept # handle 4 (verdict accept)",
+    "trace id 77777777 inet firewalld filter_INPUT rule ct state established accept (verdict accept)",
+]) + "\n"
 
 
 def test_xtables_trace_parser_keeps_only_our_marked_packet_and_names_the_verdicts():
