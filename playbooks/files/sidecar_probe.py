@@ -708,6 +708,7 @@ class _Tracer:
             self.reason = "nft is not installed"
         self.tool = "nft monitor trace" if backend == "nftables" else "xtables-monitor --trace"
         self.xt_table = ""
+        self.error = ""
         self.monitor: subprocess.Popen | None = None
         self.created: list = []
 
@@ -749,12 +750,16 @@ class _Tracer:
         if self.monitor is None:
             return ""
         time.sleep(0.5)  # the last events of the probe
+        died = self.monitor.poll() is not None  # on its own, before we stop it: it failed
         self._signal_monitor(signal.SIGTERM)
         try:
-            out, _err = self.monitor.communicate(timeout=5)
+            out, err = self.monitor.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             self._signal_monitor(signal.SIGKILL)
-            out, _err = self.monitor.communicate(timeout=5)
+            out, err = self.monitor.communicate(timeout=5)
+        if died:
+            # e.g. xtables-monitor 1.8.9 cannot print IPv6 TCP rules: "Parsing nftables rule failed"
+            self.error = " ".join(err.decode("utf-8", "replace").split())[:300] or "exited"
         self.monitor = None
         return out.decode("utf-8", "replace")
 
@@ -891,6 +896,8 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError, _Stop) as exc:
         out["problems"].append(f"trace: {exc}")
         text = ""
+    if tracer.error:
+        out["problems"].append(f"{tracer.tool} stopped before the end of the trace: {tracer.error}")
     parsed = parse_nft_trace(text, tracer.table) if backend == "nftables" else parse_xtables_trace(text, tracer.chain)
     out.update(parsed)
     out["available"] = bool(out["steps"])
