@@ -116,9 +116,9 @@ stage_build() {
 # pass/fail line. What scenarios share is made safe for lanes: each has its own platform names, Podman
 # network (fixed subnets 10.89.71-73, fleet 10.89.81) and Molecule ephemeral directory; the proxy
 # zipapp the controller builds is published atomically under its hash.
-# "matrix" is not a scenario: the support matrix's converge on ansible-core 2.19 (scripts/tooling.sh
-# matrix) runs in a lane beside the scenarios, since it needs a Podman host too.
-MOLECULE_WEIGHTS="fleet=1200 matrix=500 firewall=450 single=450 sa-activation=450 tproxy=380 redirect=380 nftables=360 proxy=350"
+# "matrix" is not a scenario: the support matrix's older controllers (ansible-core 2.19 and 2.20,
+# scripts/tooling.sh matrix) run in a lane beside the scenarios, since they need a Podman host too.
+MOLECULE_WEIGHTS="fleet=1200 matrix=800 firewall=450 single=450 tproxy=380 redirect=380 nftables=360 proxy=350"
 
 scenario_weight() {  # scenario_weight NAME: seconds, for the order
   local w kv
@@ -171,7 +171,7 @@ molecule_done() {  # molecule_done NAME: report a finished scenario and keep its
     { grep -v "^$s " "$LOGS/molecule-durations" 2>/dev/null; echo "$s $secs"; } >"$LOGS/molecule-durations.$$"
     mv "$LOGS/molecule-durations.$$" "$LOGS/molecule-durations"
   fi
-  record "$([ "$s" = matrix ] && echo "support matrix (ansible-core 2.19 on Python 3.11)" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
+  record "$([ "$s" = matrix ] && echo "support matrix (ansible-core$(for f in tests/requirements-matrix-*.txt; do f="${f##*-}"; printf ' %s' "${f%.txt}"; done))" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
 }
 
 # A scenario with `scap_network_subnets` in its inventory runs on a dual-stack Podman network
