@@ -26,7 +26,11 @@ record() {  # record NAME RC LOGFILE
   else
     # the first line that says why, in the summary too: CI shows only the end of the output
     local why
-    why="$(grep -m1 -E 'fatal: \[|FAILED!|^E +[A-Za-z]|Traceback|ERROR!|CRITICAL' "$3" 2>/dev/null | tr -s ' ' | cut -c1-300)"
+    # (a fatal that Ansible then reports as "...ignoring" is not why)
+    why="$(awk '/^\.\.\.ignoring/ { cand = ""; next }
+                cand != "" { print cand; cand = ""; exit }
+                /fatal: \[|FAILED!|^E +[A-Za-z]|Traceback|ERROR!|CRITICAL/ { cand = $0 }
+                END { if (cand != "") print cand }' "$3" 2>/dev/null | tr -s ' ' | cut -c1-300)"
     FAILED=$((FAILED + 1)); RESULTS+=("FAIL  $1  (log: ${3#"$SIDECAR_REPO"/})${why:+
           first error: $why}")
     printf '\n----- %s failed; last lines of %s -----\n' "$1" "$3"; tail -n 60 "$3"; echo '-----'
