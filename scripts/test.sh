@@ -178,9 +178,9 @@ molecule_done() {  # molecule_done NAME: report a finished scenario and keep its
   record "$([ "$s" = matrix ] && echo "support matrix (ansible-core$(for f in tests/requirements-matrix-*.txt; do f="${f##*-}"; printf ' %s' "${f%.txt}"; done))" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
 }
 
-# A scenario with `scap_network_subnets` in its inventory runs on a dual-stack Podman network
-# (Molecule's podman driver can only create IPv4 networks); it is made afresh here and the
-# scenario's destroy removes it.
+# A scenario with `scap_network_subnets` in its inventory runs on a Podman network with those fixed
+# subnets (Molecule's podman driver can make neither a dual-stack network nor a chosen subnet): an IPv4
+# subnet and optionally an IPv6 one. It is made afresh here and the scenario's destroy removes it.
 dual_stack_network() {
   local spec name v4 v6 hosts
   spec="$(python3 -c 'import sys, yaml
@@ -189,6 +189,7 @@ nets = m["provisioner"].get("inventory", {}).get("group_vars", {}).get("all", {}
 if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["platforms"]])' "molecule/$1/molecule.yml")"
   [ -n "$spec" ] || return 0
   read -r name v4 v6 hosts <<<"$spec"
+  case "$v6" in *:*) ;; *) hosts="$v6 $hosts"; v6="" ;; esac  # no IPv6 subnet: $v6 is the first host
   # what an interrupted run left (these scenarios' sequence has no destroy first): containers,
   # Molecule's state and the network. Not `molecule reset`: the podman driver's reset removes every
   # container labelled owner=molecule on the machine, which kills other scenarios running beside it.
@@ -196,7 +197,11 @@ if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["plat
   podman rm -f -t 1 $hosts >/dev/null 2>&1 || true
   molecule destroy -s "$1" >/dev/null 2>&1 || true
   podman network exists "$name" && podman network rm -f "$name" >/dev/null
-  podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
+  if [ -n "$v6" ]; then
+    podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
+  else
+    podman network create --subnet "$v4" "$name" >/dev/null
+  fi
 }
 
 stages=("$@")
