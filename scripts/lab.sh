@@ -24,7 +24,7 @@ NET="${SIDECAR_LAB_NAME:-sidecar-lab}"  # the network, and the hosts' name prefi
 SUBNET="${SIDECAR_LAB_SUBNET:-10.89.77.0/24}"
 IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 LABDIR="$SIDECAR_REPO/.cache/lab"
-KEY=""  # the run's SSH key (start_hosts)
+KEY="$LABDIR/ssh/id_ed25519"  # the SSH key of the lab (a new one at each start_hosts)
 INVENTORY="$LABDIR/inventory.yml"
 APP_PORT=8080
 
@@ -130,7 +130,8 @@ for line in urllib.request.urlopen('http://127.0.0.1:15000/metrics', timeout=5).
 Interception works: every request above went app -> outbound proxy (:15001) -> network ->
 inbound proxy (:15006) -> app, and both proxies logged the original destination.
 Where to look next:
-  podman exec -it $(name 1) bash                       a shell on a lab host
+  ssh -i $KEY sidecar-ops@$(ip_of 1)
+                                                        a shell on a lab host over SSH (or: podman exec -it $(name 1) bash)
   podman exec $(name 1) iptables-save -c                the rules and their packet counters
   podman exec $(name 1) journalctl -u sidecar-proxy     the proxy's log (one JSON line per connection)
   podman exec $(name 1) python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:15000/stats').read().decode())"
