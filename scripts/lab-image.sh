@@ -14,7 +14,9 @@ setup_podman
 # What goes into a lab host: systemd as init, Python for Ansible, and the network tools the roles use.
 # No python3-venv: the proxy runs from a zipapp with the host's python3, so hosts need no venv or pip.
 # The image "trixie-nft" is a native-nftables host: Debian 13 with nftables and without the iptables package.
-PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates"
+# openssh-server: the fleet scenario, the lab and the fleet benchmark reach their hosts over SSH, as
+# operators reach VMs (scripts/ssh-hosts.sh); each host makes its own host keys at its first start.
+PACKAGES="systemd,systemd-sysv,dbus,python3,python3-apt,iptables,iproute2,sudo,procps,kmod,ca-certificates,openssh-server"
 NFT_PACKAGES="${PACKAGES/iptables/nftables}"
 # The image "bookworm-fw" is a host with firewalls and sshd (molecule/firewall): the bookworm image plus
 # ufw (disabled until a scenario enables it), firewalld (masked: it runs only where a scenario unmasks it),
@@ -27,7 +29,8 @@ IMAGE_NAME="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}"
 
 build() {  # build NAME SUITE PACKAGES
   local suite="$2" image="$IMAGE_NAME:$1" packages="$3" recipe have rootfs
-  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" | sha256sum | cut -c1-16)"
+  recipe="$(printf '%s\n' "$RECIPE_VERSION" "$suite" "$packages" "$MIRROR" "$(declare -f ssh_host_keys_at_boot)" |
+    sha256sum | cut -c1-16)"
   have="$(podman image inspect --format '{{ index .Labels "sidecar.recipe" }}' "$image" 2>/dev/null || true)"
   if [ "$have" = "$recipe" ]; then
     log "image $image is up to date (recipe $recipe)"
@@ -41,6 +44,7 @@ build() {  # build NAME SUITE PACKAGES
     tail -n 20 "$rootfs.log" >&2; rm -f "$rootfs.log"; die "debootstrap $suite failed"
   fi
   rm -f "$rootfs.log" "$rootfs/etc/hostname"
+  ssh_host_keys_at_boot "$rootfs"
   # Containers have no consoles or hardware to wait for; mask what only slows boot or fails.
   for unit in systemd-remount-fs.service getty@tty1.service console-getty.service systemd-firstboot.service; do
     ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
@@ -80,13 +84,18 @@ derive() {  # derive NAME BASE PACKAGES FINISH: BASE's image plus apt packages, 
   log "built $image (recipe $recipe)"
 }
 
-finish_fw() {  # firewalld only where a scenario unmasks it; sshd makes its host keys at first start
-  systemctl disable firewalld.service ssh.service >/dev/null 2>&1 || true
-  ln -sf /dev/null "$1/etc/systemd/system/firewalld.service"
+# No host keys in an image (every host would share them): sshd makes its own at its first start.
+ssh_host_keys_at_boot() {  # ssh_host_keys_at_boot ROOT
   rm -f "$1"/etc/ssh/ssh_host_*
   mkdir -p "$1/etc/systemd/system/ssh.service.d"
   printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
     >"$1/etc/systemd/system/ssh.service.d/host-keys.conf"
+}
+
+finish_fw() {  # firewalld and sshd only where a scenario starts them; no host keys of this build's start
+  systemctl disable firewalld.service ssh.service >/dev/null 2>&1 || true
+  ln -sf /dev/null "$1/etc/systemd/system/firewalld.service"
+  rm -f "$1"/etc/ssh/ssh_host_*
 }
 
 suites=("$@")

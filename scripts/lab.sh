@@ -14,6 +14,8 @@
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "$0")/env.sh"
+# shellcheck source=scripts/ssh-hosts.sh
+. "$(dirname "$0")/ssh-hosts.sh"
 
 HOSTS="${SIDECAR_LAB_HOSTS:-3}"
 SUITE="${SIDECAR_LAB_SUITE:-bookworm}"
@@ -22,6 +24,7 @@ NET="${SIDECAR_LAB_NAME:-sidecar-lab}"  # the network, and the hosts' name prefi
 SUBNET="${SIDECAR_LAB_SUBNET:-10.89.77.0/24}"
 IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 LABDIR="$SIDECAR_REPO/.cache/lab"
+KEY="$LABDIR/ssh/id_ed25519"  # the SSH key of the lab (a new one at each start_hosts)
 INVENTORY="$LABDIR/inventory.yml"
 APP_PORT=8080
 
@@ -58,6 +61,11 @@ start_hosts() {
       sleep 0.5
     done
   done
+  # Ansible reaches the hosts over SSH, with a key made for this run (scripts/ssh-hosts.sh)
+  local hosts=()
+  for i in $(seq 1 "$HOSTS"); do hosts+=("$(name "$i")"); done
+  KEY="$(ssh_hosts_key "$LABDIR/ssh")" || die "could not make an SSH key in $LABDIR/ssh"
+  ssh_hosts_authorize "$KEY.pub" "${hosts[@]}" || die "could not give the lab hosts SSH access"
 }
 
 write_inventory() {
@@ -66,13 +74,14 @@ write_inventory() {
     echo "# written by scripts/lab.sh"
     echo "sidecar_lab:"
     echo "  vars:"
-    echo "    ansible_connection: containers.podman.podman"
+    ssh_hosts_vars "$KEY" "    "
     echo "    ansible_python_interpreter: /usr/bin/python3"
     echo "    sidecar_proxy_metrics_address: 0.0.0.0  # scraped by the lab's Prometheus"
     echo "    sidecar_rollout_probe_peer: next"
     echo "  hosts:"
     for i in $(seq 1 "$HOSTS"); do
       echo "    $(name "$i"):"
+      echo "      ansible_host: $(ip_of "$i")"
       echo "      sidecar_mode: $(mode_of "$i")"
     done
   } >"$INVENTORY"
@@ -121,7 +130,8 @@ for line in urllib.request.urlopen('http://127.0.0.1:15000/metrics', timeout=5).
 Interception works: every request above went app -> outbound proxy (:15001) -> network ->
 inbound proxy (:15006) -> app, and both proxies logged the original destination.
 Where to look next:
-  podman exec -it $(name 1) bash                       a shell on a lab host
+  ssh -i $KEY sidecar-ops@$(ip_of 1)
+                                                        a shell on a lab host over SSH (or: podman exec -it $(name 1) bash)
   podman exec $(name 1) iptables-save -c                the rules and their packet counters
   podman exec $(name 1) journalctl -u sidecar-proxy     the proxy's log (one JSON line per connection)
   podman exec $(name 1) python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:15000/stats').read().decode())"

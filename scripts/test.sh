@@ -26,7 +26,11 @@ record() {  # record NAME RC LOGFILE
   else
     # the first line that says why, in the summary too: CI shows only the end of the output
     local why
-    why="$(grep -m1 -E 'fatal: \[|FAILED!|^E +[A-Za-z]|Traceback|ERROR!|CRITICAL' "$3" 2>/dev/null | tr -s ' ' | cut -c1-300)"
+    # (a fatal that Ansible then reports as "...ignoring" is not why)
+    why="$(awk '/^\.\.\.ignoring/ { cand = ""; next }
+                cand != "" { print cand; cand = ""; exit }
+                /fatal: \[|FAILED!|^E +[A-Za-z]|Traceback|ERROR!|CRITICAL/ { cand = $0 }
+                END { if (cand != "") print cand }' "$3" 2>/dev/null | tr -s ' ' | cut -c1-300)"
     FAILED=$((FAILED + 1)); RESULTS+=("FAIL  $1  (log: ${3#"$SIDECAR_REPO"/})${why:+
           first error: $why}")
     printf '\n----- %s failed; last lines of %s -----\n' "$1" "$3"; tail -n 60 "$3"; echo '-----'
@@ -116,9 +120,9 @@ stage_build() {
 # pass/fail line. What scenarios share is made safe for lanes: each has its own platform names, Podman
 # network (fixed subnets 10.89.71-73, fleet 10.89.81) and Molecule ephemeral directory; the proxy
 # zipapp the controller builds is published atomically under its hash.
-# "matrix" is not a scenario: the support matrix's converge on ansible-core 2.19 (scripts/tooling.sh
-# matrix) runs in a lane beside the scenarios, since it needs a Podman host too.
-MOLECULE_WEIGHTS="fleet=1200 matrix=500 firewall=450 single=450 sa-activation=450 tproxy=380 redirect=380 nftables=360 proxy=350"
+# "matrix" is not a scenario: the support matrix's older controllers (ansible-core 2.19 and 2.20,
+# scripts/tooling.sh matrix) run in a lane beside the scenarios, since they need a Podman host too.
+MOLECULE_WEIGHTS="fleet=1200 matrix=800 firewall=450 single=450 tproxy=380 redirect=380 nftables=360 proxy=350"
 
 scenario_weight() {  # scenario_weight NAME: seconds, for the order
   local w kv
@@ -171,12 +175,12 @@ molecule_done() {  # molecule_done NAME: report a finished scenario and keep its
     { grep -v "^$s " "$LOGS/molecule-durations" 2>/dev/null; echo "$s $secs"; } >"$LOGS/molecule-durations.$$"
     mv "$LOGS/molecule-durations.$$" "$LOGS/molecule-durations"
   fi
-  record "$([ "$s" = matrix ] && echo "support matrix (ansible-core 2.19 on Python 3.11)" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
+  record "$([ "$s" = matrix ] && echo "support matrix (ansible-core$(for f in tests/requirements-matrix-*.txt; do f="${f##*-}"; printf ' %s' "${f%.txt}"; done))" || echo "molecule $s")" "$rc" "$LOGS/molecule_$s.log"
 }
 
-# A scenario with `scap_network_subnets` in its inventory runs on a dual-stack Podman network
-# (Molecule's podman driver can only create IPv4 networks); it is made afresh here and the
-# scenario's destroy removes it.
+# A scenario with `scap_network_subnets` in its inventory runs on a Podman network with those fixed
+# subnets (Molecule's podman driver can make neither a dual-stack network nor a chosen subnet): an IPv4
+# subnet and optionally an IPv6 one. It is made afresh here and the scenario's destroy removes it.
 dual_stack_network() {
   local spec name v4 v6 hosts
   spec="$(python3 -c 'import sys, yaml
@@ -185,6 +189,7 @@ nets = m["provisioner"].get("inventory", {}).get("group_vars", {}).get("all", {}
 if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["platforms"]])' "molecule/$1/molecule.yml")"
   [ -n "$spec" ] || return 0
   read -r name v4 v6 hosts <<<"$spec"
+  case "$v6" in *:*) ;; *) hosts="$v6 $hosts"; v6="" ;; esac  # no IPv6 subnet: $v6 is the first host
   # what an interrupted run left (these scenarios' sequence has no destroy first): containers,
   # Molecule's state and the network. Not `molecule reset`: the podman driver's reset removes every
   # container labelled owner=molecule on the machine, which kills other scenarios running beside it.
@@ -192,7 +197,11 @@ if nets: print(m["platforms"][0]["network"], *nets, *[p["name"] for p in m["plat
   podman rm -f -t 1 $hosts >/dev/null 2>&1 || true
   molecule destroy -s "$1" >/dev/null 2>&1 || true
   podman network exists "$name" && podman network rm -f "$name" >/dev/null
-  podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
+  if [ -n "$v6" ]; then
+    podman network create --ipv6 --subnet "$v4" --subnet "$v6" "$name" >/dev/null
+  else
+    podman network create --subnet "$v4" "$name" >/dev/null
+  fi
 }
 
 stages=("$@")

@@ -5,10 +5,11 @@
 #          role, sphinx-build renders it (warnings are errors) into .cache/docs-site/html (or $1 of site)
 #   ee     ansible-builder create: renders execution-environment.yml into a build context (no image
 #          build: that needs a container registry for the base image)
-#   matrix the support matrix's second controller (README "Support matrix"): ansible-core 2.19 on Python
-#          3.11 in its own venv (tests/requirements-matrix.txt): the unit tests, ansible-test sanity, and
-#          tests/matrix/converge.yml on one Podman systemd host twice (the second run changed=0); then the
-#          tools venv's newest ansible-core re-runs it: changed=0 and no deprecation warning.
+#   matrix the support matrix's other controllers (README "Support matrix"): for each
+#          tests/requirements-matrix-X.Y.txt, ansible-core X.Y in its own venv on the Python its
+#          "# python:" line names: the unit tests, ansible-test sanity, and tests/matrix/converge.yml on a
+#          fresh Podman systemd host twice (the second run changed=0); then the tools venv's newest
+#          ansible-core re-runs it: changed=0 and no deprecation warning.
 # Usage: scripts/tooling.sh [lint|site [DIR]|ee|matrix]...   (default: all four). Exits non-zero on any failure.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,15 +83,19 @@ step_ee() {
     failed+=("ansible-builder create")
 }
 
-# the matrix venv: the oldest claimed ansible-core on a Python it supports, keyed by its requirements
-matrix_venv() {
-  local req="$repo/tests/requirements-matrix.txt" py="" c key
-  for c in python3.11 "$HOME"/.pyenv/versions/3.11*/bin/python3; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+# a matrix venv: one ansible-core release on the Python its requirements file names ("# python: X.Y"),
+# keyed by that file
+matrix_venv() {  # matrix_venv REQUIREMENTS_FILE: sets MATRIX_VENV
+  local req="$1" want py="" c key
+  want="$(sed -n 's/^# python: *\([0-9.]*\).*/\1/p' "$req")"
+  [ -n "$want" ] || { echo "$req names no Python ('# python: X.Y')" >&2; return 1; }
+  for c in "python$want" "$HOME"/.pyenv/versions/"$want".*/bin/python3; do
+    if command -v "$c" >/dev/null 2>&1 &&
+       "$c" -c 'import sys, venv; sys.exit("%d.%d" % sys.version_info[:2] != sys.argv[1])' "$want" 2>/dev/null; then
       py="$(command -v "$c")"; break
     fi
   done
-  [ -n "$py" ] || { echo "no Python 3.11 found for the support matrix" >&2; return 1; }
+  [ -n "$py" ] || { echo "no Python $want found for $(basename "$req")" >&2; return 1; }
   key="$( (cat "$req"; "$py" -VV) | sha256sum | cut -c1-12)"
   MATRIX_VENV="$SIDECAR_CACHE/venv-matrix-$key"
   if [ ! -x "$MATRIX_VENV/bin/ansible-playbook" ]; then
@@ -116,22 +121,22 @@ matrix_converge() {
   if grep -n 'DEPRECATION' "$log"; then echo "deprecation warnings in $label" >&2; return 1; fi
 }
 
-step_matrix() {
-  local host="tl-matrix-$$" sp
-  say "support matrix: ansible-core 2.19 on Python 3.11 (unit tests, sanity, converge + idempotence)"
-  matrix_venv || { failed+=("matrix venv"); return; }
-  "$MATRIX_VENV/bin/ansible" --version 2>&1 | sed -n 1p
-  (cd "$repo" && PATH="$MATRIX_VENV/bin:$PATH" python -m pytest -q -p no:cacheprovider tests/unit) || failed+=("matrix: unit tests")
-  PATH="$MATRIX_VENV/bin:$PATH" bash "$repo/scripts/sanity.sh" --no-lint >"$tmp/matrix-sanity.log" 2>&1 ||
-    { tail -n 40 "$tmp/matrix-sanity.log"; failed+=("matrix: ansible-test sanity"); }
-  tail -n 1 "$tmp/matrix-sanity.log"
-  # one systemd host without a network (loopback only: nothing to collide with), from the lab image
-  bash "$repo/scripts/lab-image.sh" bookworm >/dev/null || { failed+=("matrix: lab image"); return; }
+# one controller of the matrix: unit tests, sanity, converge + idempotence on a fresh host, newest re-run
+matrix_release() {  # matrix_release REQUIREMENTS_FILE
+  local req="$1" rel host="tl-matrix-$$" sp newest
+  rel="$(basename "$req" .txt)"; rel="${rel#requirements-matrix-}"
+  matrix_venv "$req" || { failed+=("matrix $rel: venv"); return; }
+  say "support matrix: $("$MATRIX_VENV/bin/ansible" --version 2>&1 | sed -n 1p) on $("$MATRIX_VENV/bin/python" -V)"
+  (cd "$repo" && PATH="$MATRIX_VENV/bin:$PATH" python -m pytest -q -p no:cacheprovider tests/unit) ||
+    failed+=("matrix $rel: unit tests")
+  PATH="$MATRIX_VENV/bin:$PATH" bash "$repo/scripts/sanity.sh" --no-lint >"$tmp/matrix-sanity-$rel.log" 2>&1 ||
+    { tail -n 60 "$tmp/matrix-sanity-$rel.log"; failed+=("matrix $rel: ansible-test sanity"); }
+  tail -n 1 "$tmp/matrix-sanity-$rel.log"
+  # a fresh systemd host without a network (loopback only: nothing to collide with), from the lab image
   podman rm -f -t 1 "$host" >/dev/null 2>&1
-  trap 'podman rm -f -t 1 "'"$host"'" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
   podman run -d --name "$host" --hostname "$host" --network none --systemd=always --cap-add NET_ADMIN,NET_RAW \
     --security-opt unmask=/proc/sys "${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:bookworm" /sbin/init >/dev/null ||
-    { failed+=("matrix: host"); return; }
+    { failed+=("matrix $rel: host"); return; }
   # wait for the host's boot to finish (systemd mounts /tmp while it boots: a module copied there
   # earlier would vanish); "degraded" is fine for a container
   timeout 90 podman exec "$host" systemctl is-system-running --wait >/dev/null 2>&1
@@ -139,13 +144,23 @@ step_matrix() {
     >"$tmp/matrix-inventory"
   # containers.podman (the connection) from the tools venv's ansible package; ansible-core from the matrix venv
   sp="$(python -c 'import ansible_collections.containers.podman as m, os; print(os.path.abspath(os.path.join(list(m.__path__)[0], "../../..")))')"
+  newest="$(python -c 'from ansible.release import __version__ as v; print(v)')"
   (
     export ANSIBLE_PIPELINING=true ANSIBLE_COLLECTIONS_PATH="$ANSIBLE_COLLECTIONS_PATH:$sp"
-    PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core 2.19 converge" any &&
-    PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core 2.19 idempotence" 0 &&
-    matrix_converge "ansible-core $(python -c 'from ansible.release import __version__ as v; print(v)') re-run" 0
-  ) || failed+=("matrix: converge")
+    PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core $rel converge" any &&
+    PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core $rel idempotence" 0 &&
+    matrix_converge "ansible-core $newest re-run" 0
+  ) || failed+=("matrix $rel: converge")
   podman rm -f -t 1 "$host" >/dev/null 2>&1
+}
+
+step_matrix() {
+  local req
+  bash "$repo/scripts/lab-image.sh" bookworm >/dev/null || { failed+=("matrix: lab image"); return; }
+  trap 'podman rm -f -t 1 "tl-matrix-$$" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
+  for req in "$repo"/tests/requirements-matrix-*.txt; do
+    matrix_release "$req"
+  done
 }
 
 steps=("$@")

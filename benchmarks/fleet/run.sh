@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Fleet rollout benchmark (not a test): wall time of sidecar.intercept.site for N Podman systemd hosts
 # (default 6 12 24), then of the idempotent re-run, which must report changed=0. Prints a table.
+# Ansible reaches the hosts over SSH as operators do (scripts/ssh-hosts.sh: a key for the run, user
+# sidecar-ops with sudo, pipelining, a master connection per host); SIDECAR_BENCH_CONNECTION=podman
+# uses `podman exec` instead, for comparison.
 #
 #   bash benchmarks/fleet/run.sh [N ...]
 #   SIDECAR_BENCH_SERIAL='[1, "25%"]' SIDECAR_BENCH_FORKS=12 bash benchmarks/fleet/run.sh 6 12
@@ -10,6 +13,8 @@
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "$0")/../../scripts/env.sh"
+# shellcheck source=scripts/ssh-hosts.sh
+. "$(dirname "$0")/../../scripts/ssh-hosts.sh"
 
 SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(6 12 24)
@@ -18,9 +23,13 @@ for n in "${SIZES[@]}"; do
 done
 SERIAL="${SIDECAR_BENCH_SERIAL:-[1, \"25%\"]}"
 FORKS="${SIDECAR_BENCH_FORKS:-12}"
+CONNECTION="${SIDECAR_BENCH_CONNECTION:-ssh}"
+case "$CONNECTION" in ssh|podman) ;; *) die "SIDECAR_BENCH_CONNECTION must be ssh or podman, got '$CONNECTION'" ;; esac
 SUITE="${SIDECAR_BENCH_SUITE:-bookworm}"
 IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:$SUITE"
 NET=sidecar-fbench
+# a fixed subnet that no test scenario uses (Podman's next free one could be a scenario's fixed subnet)
+SUBNET="${SIDECAR_BENCH_SUBNET:-10.89.90.0/24}"
 WORK="$SIDECAR_REPO/.cache/fbench"
 RESULTS="$WORK/results.txt"
 
@@ -32,7 +41,7 @@ trap cleanup EXIT INT TERM
 
 start_hosts() {
   local n="$1" i
-  podman network exists "$NET" || podman network create --label sidecar.fbench=1 "$NET" >/dev/null
+  podman network exists "$NET" || podman network create --subnet "$SUBNET" --label sidecar.fbench=1 "$NET" >/dev/null
   for i in $(seq 1 "$n"); do
     podman run -d --name "fbench-$i" --hostname "fbench-$i" --network "$NET" --label sidecar.fbench=1 \
       --systemd=always --cap-add NET_ADMIN,NET_RAW --security-opt unmask=/proc/sys \
@@ -46,6 +55,10 @@ start_hosts() {
       sleep 0.5
     done
   done
+  if [ "$CONNECTION" = ssh ]; then
+    # shellcheck disable=SC2046  # a word list by design
+    ssh_hosts_authorize "$WORK/ssh/id_ed25519.pub" $(seq -f 'fbench-%g' 1 "$n") || die "SSH access failed"
+  fi
 }
 
 write_inventory() {
@@ -53,12 +66,19 @@ write_inventory() {
   {
     echo "fbench:"
     echo "  vars:"
-    echo "    ansible_connection: containers.podman.podman"
+    if [ "$CONNECTION" = ssh ]; then
+      ssh_hosts_vars "$WORK/ssh/id_ed25519" "    "
+    else
+      echo "    ansible_connection: containers.podman.podman"
+    fi
     echo "    ansible_python_interpreter: /usr/bin/python3"
     echo "    sidecar_rollout_probe_peer: next"
     echo "  hosts:"
     for i in $(seq 1 "$n"); do
       echo "    fbench-$i:"
+      # (the podman connection takes ansible_host as the container's name)
+      [ "$CONNECTION" = podman ] ||
+        echo "      ansible_host: $(podman inspect --format "{{ (index .NetworkSettings.Networks \"$NET\").IPAddress }}" "fbench-$i")"
       if [ $((i % 2)) -eq 1 ]; then echo "      sidecar_mode: redirect"; else echo "      sidecar_mode: tproxy"; fi
     done
   } >"$WORK/inventory-$n.yml"
@@ -69,7 +89,7 @@ run_site() {
   local n="$1" tag="$2" t0 t1 log
   log="$WORK/site-$n-$tag.log"
   t0="$(date +%s.%N)"
-  if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ansible-playbook -i "$WORK/inventory-$n.yml" \
+  if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" ansible-playbook -i "$WORK/inventory-$n.yml" \
       -e "{\"sidecar_rollout_serial\": $SERIAL}" sidecar.intercept.site >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     die "site.yml failed for $n hosts ($tag run, log: $log)"
@@ -86,6 +106,7 @@ main() {
   bash "$SIDECAR_REPO/scripts/lab-image.sh" "$SUITE" >/dev/null
   mkdir -p "$WORK"
   cleanup
+  [ "$CONNECTION" = podman ] || ssh_hosts_key "$WORK/ssh" >/dev/null || die "could not make an SSH key"
   printf '%-6s | %-10s | %-14s | %-15s | %-16s\n' hosts batches "first run (s)" "re-run (s)" "re-run changed" >"$RESULTS"
   printf '%s\n' "-------+------------+----------------+-----------------+-----------------" >>"$RESULTS"
   local n first again
@@ -101,7 +122,7 @@ main() {
     cleanup
   done
   echo
-  echo "sidecar.intercept.site rollout wall time ($(nproc) cores, serial $SERIAL, forks $FORKS, image $IMAGE)"
+  echo "sidecar.intercept.site rollout wall time ($(nproc) cores, serial $SERIAL, forks $FORKS, image $IMAGE, over $CONNECTION)"
   cat "$RESULTS"
 }
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# shellcheck shell=bash
+# Reach the lab's Podman systemd hosts over SSH, as operators reach their VMs: a key pair made for each
+# run, a sudo user `sidecar-ops` holding its public key on every host (what cloud-init user-data does
+# on a VM; done here through `podman exec`, the one test shortcut), and the SSH settings Ansible uses.
+# Used by scripts/lab.sh, benchmarks/fleet/run.sh and molecule/fleet (prepare.yml).
+#
+# Sourced:   ssh_hosts_key DIR                  a new key pair DIR/id_ed25519 (replaces an older one)
+#            ssh_hosts_authorize PUBKEY HOST...  the user, its key and a running sshd on each host
+#            ssh_hosts_vars KEY INDENT            the inventory variables for SSH with that key (YAML)
+# Or run:    bash scripts/ssh-hosts.sh key DIR | authorize PUBKEY HOST...
+
+SSH_HOSTS_USER="${SSH_HOSTS_USER:-sidecar-ops}"
+# (molecule/fleet/molecule.yml states the same options in YAML)
+SSH_HOSTS_ARGS="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ServerAliveInterval=15"
+
+ssh_hosts_key() {  # ssh_hosts_key DIR: prints the private key's path
+  mkdir -p "$1" && chmod 700 "$1" && rm -f "$1/id_ed25519" "$1/id_ed25519.pub" &&
+    ssh-keygen -q -t ed25519 -N '' -C "sidecar-intercept-$(date +%s)" -f "$1/id_ed25519" &&
+    echo "$1/id_ed25519"
+}
+
+ssh_hosts_authorize() {  # ssh_hosts_authorize PUBKEY HOST...: all hosts at once; fails if one fails
+  local pub="$1" h pids=() rc=0
+  shift
+  [ -s "$pub" ] || { echo "ssh_hosts_authorize: no public key at $pub" >&2; return 1; }
+  for h in "$@"; do
+    podman exec -i -e "U=$SSH_HOSTS_USER" "$h" sh -c '
+      set -e
+      systemctl is-system-running --wait >/dev/null 2>&1 || true
+      id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
+      install -d -m 0700 -o "$U" -g "$U" "/home/$U/.ssh"
+      cat >"/home/$U/.ssh/authorized_keys"
+      chown "$U:$U" "/home/$U/.ssh/authorized_keys"
+      chmod 0600 "/home/$U/.ssh/authorized_keys"
+      echo "$U ALL=(ALL) NOPASSWD: ALL" >"/etc/sudoers.d/$U"
+      chmod 0440 "/etc/sudoers.d/$U"
+      systemctl enable --now ssh.service >/dev/null 2>&1
+      systemctl is-active --quiet ssh.service' <"$pub" &
+    pids+=($!)
+  done
+  for h in "${pids[@]}"; do wait "$h" || rc=1; done
+  [ "$rc" = 0 ] || echo "ssh_hosts_authorize: a host could not be prepared for SSH" >&2
+  return "$rc"
+}
+
+ssh_hosts_vars() {  # ssh_hosts_vars KEY INDENT: the inventory variables for SSH with that key, as YAML
+  local i="$2"
+  printf '%sansible_connection: ansible.builtin.ssh\n' "$i"
+  printf '%sansible_user: %s\n' "$i" "$SSH_HOSTS_USER"
+  printf '%sansible_ssh_private_key_file: %s\n' "$i" "$1"
+  # a lab host's key is new with each host; Ansible's default ssh_args keep a master connection per host
+  printf '%sansible_ssh_common_args: %s\n' "$i" "$SSH_HOSTS_ARGS"
+  printf '%sansible_ssh_pipelining: true\n' "$i"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  set -uo pipefail
+  case "${1:-}" in
+    key) ssh_hosts_key "$2" ;;
+    authorize) shift; ssh_hosts_authorize "$@" ;;
+    *) echo "usage: $0 key DIR | authorize PUBKEY HOST..." >&2; exit 2 ;;
+  esac
+fi
