@@ -1,0 +1,220 @@
+"""Continuous-load check for restarts, reloads, upgrades and rollbacks of sidecar-proxy (standard library only).
+
+  app    --inbound-port P --outbound-port Q
+         the test applications: each connection sends one id line; the app answers "<id> <peer ip>"
+  client --path NAME --target IP:PORT --rate R --out FILE --stop FILE [--max-seconds S]
+         opens R connections per second to TARGET until FILE exists; one JSON line per connection:
+         id, t0, t1, local address, ok/error, the peer address the app saw
+  report --results FILE... --journal HOST=FILE... --events FILE
+         matches every connection with the proxy's access log (journal) of the host whose proxy it went
+         through; prints the counts per host, path and event; exit 1 unless 0 failed and 0 bypassed
+
+A connection is failed when it was refused, reset or timed out or got a wrong answer; it is bypassed when
+the proxy's access log has no entry for it (same direction, source and destination), or, inbound, when the
+app saw the client's address instead of the proxy's passthrough source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import socket
+import socketserver
+import sys
+import threading
+import time
+from typing import Any
+
+PASSTHROUGH = "127.0.0.6"
+
+
+# ------------------------------------------------------------------------------------------- app
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(60)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = self.request.recv(256)
+            if not chunk:
+                return
+            data += chunk
+        self.request.sendall(data.strip() + b" " + self.client_address[0].encode() + b"\n")
+
+
+class Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 4096
+
+
+def app(args: argparse.Namespace) -> int:
+    servers = [Server(("0.0.0.0", args.inbound_port), Echo), Server(("127.0.0.1", args.outbound_port), Echo)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- client
+def one(path: str, n: int, target: tuple[str, int], timeout: float, out: Any, lock: threading.Lock) -> None:
+    cid = f"{path}-{os.getpid()}-{n}"
+    rec: dict[str, Any] = {"id": cid, "path": path, "t0": time.time(), "dst": f"{target[0]}:{target[1]}"}
+    try:
+        with socket.create_connection(target, timeout=timeout) as s:
+            local = s.getsockname()
+            rec["src"] = f"{local[0]}:{local[1]}"
+            s.sendall(cid.encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+        words = reply.decode(errors="replace").split()
+        if len(words) == 2 and words[0] == cid:
+            rec["ok"], rec["peer"] = True, words[1]
+        else:
+            rec["ok"], rec["error"] = False, f"answer {reply[:80]!r}"
+    except OSError as exc:
+        rec["ok"], rec["error"] = False, f"{type(exc).__name__}: {exc}"
+    rec["t1"] = time.time()
+    line = json.dumps(rec) + "\n"
+    with lock:
+        out.write(line)
+
+
+def client(args: argparse.Namespace) -> int:
+    ip, port = args.target.rsplit(":", 1)
+    target = (ip, int(port))
+    lock = threading.Lock()
+    interval = 1.0 / args.rate
+    deadline = time.monotonic() + args.max_seconds
+    threads: list[threading.Thread] = []
+    with open(args.out, "w", buffering=1) as out:
+        n = 0
+        nxt = time.monotonic()
+        while not os.path.exists(args.stop) and time.monotonic() < deadline:
+            t = threading.Thread(target=one, args=(args.path, n, target, args.timeout, out, lock), daemon=True)
+            t.start()
+            threads.append(t)
+            n += 1
+            nxt += interval
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if n % 200 == 0:
+                threads = [x for x in threads if x.is_alive()]
+        for t in threads:
+            t.join(args.timeout + 5)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- report
+def load_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [json.loads(x) for x in f if x.startswith("{")]
+
+
+def ts(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def report(args: argparse.Namespace) -> int:
+    events: list[tuple[str, float, float]] = []
+    opened: dict[str, float] = {}
+    with open(args.events, encoding="utf-8") as f:
+        for line in f:
+            name, what, when = line.split()
+            if what == "start":
+                opened[name] = float(when)
+            else:
+                events.append((name, opened.pop(name), float(when)))
+    # access log entries per (host, direction, src, dst), in time order
+    logs: dict[tuple[str, str, str, str], collections.deque[float]] = collections.defaultdict(collections.deque)
+    for spec in args.journal:
+        host, path = spec.split("=", 1)
+        entries = [e for e in load_jsonl(path) if "direction" in e and e.get("dst")]
+        for e in sorted(entries, key=lambda e: e["start_time"]):
+            logs[(host, e["direction"], e["src"], e["dst"])].append(ts(e["start_time"]))
+    conns: list[dict[str, Any]] = []
+    for spec in args.results:
+        host, path = spec.split("=", 1)  # the host whose proxy the connections go through
+        for rec in load_jsonl(path):
+            rec["host"] = host
+            conns.append(rec)
+    conns.sort(key=lambda r: r["t0"])
+
+    def event_of(t: float) -> str:
+        for name, start, end in events:
+            if start <= t <= end:
+                return name
+        return "steady"
+
+    table: dict[tuple[str, str, str], collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    examples: list[str] = []
+    for rec in conns:
+        key = (rec["host"], rec["path"], event_of(rec["t0"]))
+        table[key]["total"] += 1
+        if not rec["ok"]:
+            table[key]["failed"] += 1
+            if len(examples) < 20:
+                examples.append(f"failed {rec['id']} at {rec['t0']:.3f}: {rec.get('error')}")
+            continue
+        direction = "inbound" if rec["path"] == "inbound" else "outbound"
+        queue = logs.get((rec["host"], direction, rec.get("src", ""), rec["dst"]))
+        logged = bool(queue)
+        if queue:
+            queue.popleft()
+        direct = direction == "inbound" and rec.get("peer") != PASSTHROUGH
+        if not logged or direct:
+            table[key]["bypassed"] += 1
+            if len(examples) < 20:
+                examples.append(f"bypassed {rec['id']} src {rec.get('src')} (in access log: {logged}, app saw "
+                                f"{rec.get('peer')})")
+    order = {name: i for i, (name, _s, _e) in enumerate(events)}
+    print(f"{'host':<16} {'path':<9} {'event':<22} {'total':>7} {'failed':>7} {'bypassed':>9}")
+    totals = collections.Counter[str]()
+    for (host, path, ev), c in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], -1))):
+        print(f"{host:<16} {path:<9} {ev:<22} {c['total']:>7} {c['failed']:>7} {c['bypassed']:>9}")
+        totals.update(c)
+    for name, start, end in events:
+        print(f"event {name}: {end - start:.1f}s")
+    print(f"TOTAL connections={totals['total']} failed={totals['failed']} bypassed={totals['bypassed']}")
+    for line in examples:
+        print(line)
+    paths = {(h, p) for (h, p, _e) in table}
+    missing = [f"{h}/{p}/{name}" for h, p in sorted(paths) for name, _s, _e in events if not table[(h, p, name)]["total"]]
+    if missing:
+        print("no connection during: " + ", ".join(missing))
+    return 0 if totals["total"] and not totals["failed"] and not totals["bypassed"] and not missing else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("app")
+    a.add_argument("--inbound-port", type=int, required=True)
+    a.add_argument("--outbound-port", type=int, required=True)
+    c = sub.add_parser("client")
+    c.add_argument("--path", choices=("inbound", "outbound"), required=True)
+    c.add_argument("--target", required=True)
+    c.add_argument("--rate", type=float, default=100.0)
+    c.add_argument("--timeout", type=float, default=30.0)
+    c.add_argument("--out", required=True)
+    c.add_argument("--stop", required=True)
+    c.add_argument("--max-seconds", type=float, default=600.0)
+    r = sub.add_parser("report")
+    r.add_argument("--results", nargs="+", required=True, metavar="HOST=FILE")
+    r.add_argument("--journal", nargs="+", required=True, metavar="HOST=FILE")
+    r.add_argument("--events", required=True)
+    args = p.parse_args(argv)
+    return {"app": app, "client": client, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
