@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import PROXY_UID, Topo, connect, ns_socket, recv_all
+
 from sidecar_proxy import activation
 from sidecar_proxy.activation import ActivationError, parse, unset
 

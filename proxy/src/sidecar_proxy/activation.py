@@ -50,7 +50,8 @@ def parse(env: MutableMapping[str, str], pid: int) -> list[tuple[int, str]]:
     else:
         names = raw_names.split(":") if raw_names else []
         if len(names) != count:
-            raise ActivationError(f"LISTEN_FDNAMES={raw_names!r} names {len(names)} sockets, LISTEN_FDS={count}")
+            raise ActivationError(
+                f"LISTEN_FDNAMES={raw_names!r} names {len(names)} sockets, LISTEN_FDS={count}")
     return [(SD_LISTEN_FDS_START + i, name) for i, name in enumerate(names)]
 
 
@@ -67,7 +68,8 @@ class Inherited:
         self.socks = socks
 
     @classmethod
-    def from_environment(cls, env: MutableMapping[str, str] | None = None, pid: int | None = None) -> Inherited:
+    def from_environment(cls, env: MutableMapping[str, str] | None = None,
+                         pid: int | None = None) -> Inherited:
         """Take the passed sockets (and unset the variables); close-on-exec is set on each of them."""
         env = os.environ if env is None else env
         try:
@@ -85,7 +87,8 @@ class Inherited:
             os.set_inheritable(fd, False)
             sock = socket.socket(fileno=fd)
             if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                raise ActivationError(f"passed fd {fd} ({name}) is not a TCP socket ({sock.family!r}, {sock.type!r})")
+                raise ActivationError(
+                    f"passed fd {fd} ({name}) is not a TCP socket ({sock.family!r}, {sock.type!r})")
             if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 raise ActivationError(f"passed fd {fd} ({name}) is not listening")
             socks.append((name, sock))
@@ -95,7 +98,8 @@ class Inherited:
         return len(self.socks)
 
     def describe(self) -> str:
-        return ", ".join(f"{name}={sock.getsockname()[0]}:{sock.getsockname()[1]}" for name, sock in self.socks)
+        return ", ".join(f"{name}={sock.getsockname()[0]}:{sock.getsockname()[1]}"
+                         for name, sock in self.socks)
 
     def put_back(self, name: str, sock: socket.socket) -> None:
         self.socks.append((name, sock))

@@ -70,9 +70,11 @@ def adopt_listen_socket(sock: socket.socket, transparent: bool) -> None:
     (Transparent=yes in the socket unit), and an error names what is missing.
     """
     if transparent:
-        level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if sock.family == socket.AF_INET6 else (SOL_IP, IP_TRANSPARENT)
+        v6 = sock.family == socket.AF_INET6
+        level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
         if not sock.getsockopt(level, opt):
-            raise OSError(errno.EINVAL, "TPROXY needs IP_TRANSPARENT on the listener (Transparent=yes in its socket unit)")
+            raise OSError(errno.EINVAL,
+                          "TPROXY needs IP_TRANSPARENT on the listener (Transparent=yes in its socket unit)")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
 

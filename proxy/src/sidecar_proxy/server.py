@@ -237,7 +237,8 @@ class Server(Listeners, Admin):
             log.error("cannot start: socket activation: %s", exc)
             return 1
         if len(self.inherited):
-            log.info("socket activation: %d passed sockets (%s)", len(self.inherited), self.inherited.describe())
+            log.info("socket activation: %d passed sockets (%s)", len(self.inherited),
+                     self.inherited.describe())
         try:
             self.apply(self.cfg, initial=True)
         except OSError as exc:
@@ -250,7 +251,8 @@ class Server(Listeners, Admin):
         self.ep.register(self.sig_r, EPOLLIN)
         self.handlers[self.sig_r] = self.on_signal_fd
         if len(self.inherited):
-            log.warning("passed sockets that no listener uses (kept open): %s", self.inherited.describe())
+            log.warning("passed sockets that no listener uses (kept open): %s",
+                        self.inherited.describe())
         self.ready = True
         log.info("sidecar-proxy %s ready: mode=%s inbound=%d outbound=%d admin=%s:%d forwarding=%s",
                  __version__, self.cfg.mode, self.cfg.inbound_port, self.cfg.outbound_port,
