@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
+import errno
 import json
 import os
 import socket
-import socketserver
+import selectors
 import sys
-import threading
 import time
 from typing import Any
 
@@ -32,86 +33,135 @@ PASSTHROUGH = "127.0.0.6"
 
 
 # ------------------------------------------------------------------------------------------- app
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        self.request.settimeout(60)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = self.request.recv(256)
-            if not chunk:
-                return
-            data += chunk
-        self.request.sendall(data.strip() + b" " + self.client_address[0].encode() + b"\n")
-
-
-class Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 4096
-
-
+# One thread each, non-blocking sockets with selectors: on a busy host a thread per connection runs into
+# the container's task limit ("can't start new thread") while connections queue during a restart.
 def app(args: argparse.Namespace) -> int:
-    servers = [Server(("0.0.0.0", args.inbound_port), Echo), Server(("127.0.0.1", args.outbound_port), Echo)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return 0
+    sel = selectors.DefaultSelector()
+    for host, port in (("0.0.0.0", args.inbound_port), ("127.0.0.1", args.outbound_port)):
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((host, port))
+        lsock.listen(4096)
+        lsock.setblocking(False)
+        sel.register(lsock, selectors.EVENT_READ, None)
+    bufs: dict[socket.socket, tuple[bytes, str]] = {}
+    while True:
+        for key, _ev in sel.select(1.0):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if key.data is None:  # a listener
+                for _ in range(256):
+                    try:
+                        conn, peer = sock.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    bufs[conn] = (b"", peer[0])
+                    sel.register(conn, selectors.EVENT_READ, "conn")
+                continue
+            data, peer = bufs[sock]
+            try:
+                chunk = sock.recv(256)
+            except OSError:
+                chunk = b""
+            data += chunk
+            if chunk and not data.endswith(b"\n"):
+                bufs[sock] = (data, peer)
+                continue
+            sel.unregister(sock)
+            del bufs[sock]
+            if chunk:
+                with contextlib.suppress(OSError):
+                    sock.send(data.strip() + b" " + peer.encode() + b"\n")  # a short line: fits the buffer
+            sock.close()
 
 
 # ---------------------------------------------------------------------------------------- client
-def one(path: str, n: int, target: tuple[str, int], timeout: float, out: Any, lock: threading.Lock) -> None:
-    cid = f"{path}-{os.getpid()}-{n}"
-    rec: dict[str, Any] = {"id": cid, "path": path, "t0": time.time(), "dst": f"{target[0]}:{target[1]}"}
-    try:
-        with socket.create_connection(target, timeout=timeout) as s:
-            local = s.getsockname()
-            rec["src"] = f"{local[0]}:{local[1]}"
-            s.sendall(cid.encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                reply += chunk
-        words = reply.decode(errors="replace").split()
-        if len(words) == 2 and words[0] == cid:
-            rec["ok"], rec["peer"] = True, words[1]
-        else:
-            rec["ok"], rec["error"] = False, f"answer {reply[:80]!r}"
-    except OSError as exc:
-        rec["ok"], rec["error"] = False, f"{type(exc).__name__}: {exc}"
-    rec["t1"] = time.time()
-    line = json.dumps(rec) + "\n"
-    with lock:
-        out.write(line)
+class Pending:
+    __slots__ = ("rec", "sock", "reply", "deadline")
+
+    def __init__(self, rec: dict[str, Any], sock: socket.socket, deadline: float) -> None:
+        self.rec = rec
+        self.sock = sock
+        self.reply = b""
+        self.deadline = deadline
 
 
 def client(args: argparse.Namespace) -> int:
     ip, port = args.target.rsplit(":", 1)
     target = (ip, int(port))
-    lock = threading.Lock()
+    dst = f"{ip}:{port}"
+    sel = selectors.DefaultSelector()
+    pending: collections.deque[Pending] = collections.deque()  # in start order: the oldest time out first
     interval = 1.0 / args.rate
-    deadline = time.monotonic() + args.max_seconds
-    threads: list[threading.Thread] = []
+    stop_at = time.monotonic() + args.max_seconds
     with open(args.out, "w", buffering=1) as out:
+
+        def finish(p: Pending, ok: bool, error: str = "") -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(p.sock)
+            p.sock.close()
+            p.rec["t1"] = time.time()
+            words = p.reply.decode(errors="replace").split()
+            if ok and len(words) == 2 and words[0] == p.rec["id"]:
+                p.rec["ok"], p.rec["peer"] = True, words[1]
+            else:
+                p.rec["ok"] = False
+                p.rec["error"] = error or f"answer {p.reply[:80]!r}"
+            out.write(json.dumps(p.rec) + "\n")
+            p.deadline = -1.0  # done
+
         n = 0
         nxt = time.monotonic()
-        while not os.path.exists(args.stop) and time.monotonic() < deadline:
-            t = threading.Thread(target=one, args=(args.path, n, target, args.timeout, out, lock), daemon=True)
-            t.start()
-            threads.append(t)
-            n += 1
-            nxt += interval
-            delay = nxt - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if n % 200 == 0:
-                threads = [x for x in threads if x.is_alive()]
-        for t in threads:
-            t.join(args.timeout + 5)
-    return 0
+        stopping = False
+        while True:
+            now = time.monotonic()
+            if not stopping and (now >= stop_at or os.path.exists(args.stop)):
+                stopping = True
+            while not stopping and now >= nxt:
+                cid = f"{args.path}-{os.getpid()}-{n}"
+                n += 1
+                nxt += interval
+                rec: dict[str, Any] = {"id": cid, "path": args.path, "t0": time.time(), "dst": dst}
+                sock = socket.socket()
+                sock.setblocking(False)
+                p = Pending(rec, sock, now + args.timeout)
+                pending.append(p)
+                err = sock.connect_ex(target)
+                if err not in (0, errno.EINPROGRESS):
+                    finish(p, False, f"connect: {os.strerror(err)}")
+                    continue
+                sel.register(sock, selectors.EVENT_WRITE, p)
+            while pending and (pending[0].deadline < 0 or pending[0].deadline <= now):
+                p = pending.popleft()
+                if p.deadline >= 0:
+                    finish(p, False, f"timeout after {args.timeout:g}s")
+            if stopping and not pending:
+                return 0
+            for key, ev in sel.select(min(0.05, max(0.0, nxt - time.monotonic()))):
+                p = key.data
+                if ev & selectors.EVENT_WRITE:
+                    err = p.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        finish(p, False, f"connect: {os.strerror(err)}")
+                        continue
+                    local = p.sock.getsockname()
+                    p.rec["src"] = f"{local[0]}:{local[1]}"
+                    try:
+                        p.sock.send(p.rec["id"].encode() + b"\n")
+                    except OSError as exc:
+                        finish(p, False, f"send: {exc}")
+                        continue
+                    sel.modify(p.sock, selectors.EVENT_READ, p)
+                    continue
+                try:
+                    chunk = p.sock.recv(256)
+                except OSError as exc:
+                    finish(p, False, f"recv: {exc}")
+                    continue
+                p.reply += chunk
+                if not chunk or p.reply.endswith(b"\n"):
+                    finish(p, True)
 
 
 # ---------------------------------------------------------------------------------------- report
