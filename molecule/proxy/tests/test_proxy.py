@@ -86,9 +86,10 @@ def test_listeners_are_socket_units_passed_to_the_proxy(host):
     listeners = json.loads(admin(host, "/stats"))["listeners"]
     assert listeners and all(x["activated"] == x["direction"] for x in listeners), listeners
     assert {x["tproxy"] for x in listeners if x["direction"] == "inbound"} == {mode == "tproxy"}
-    # the listening sockets belong to systemd as well as to the proxy process
+    # the listening socket belongs to systemd (pid 1); the proxy's copy is not listed: root in these
+    # containers lacks CAP_SYS_PTRACE to read the fds of UID 1337 (/stats "activated" above shows it)
     ss = host.check_output("ss -Hltnp 'sport = :15006'")
-    assert "systemd" in ss and "python3" in ss, ss
+    assert '("systemd",pid=1,' in ss, ss
 
 
 def test_exposure_score_at_most_2(host):
