@@ -50,7 +50,7 @@ def app(args: argparse.Namespace) -> int:
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if key.data is None:  # a listener
-                for _ in range(256):
+                for _attempt in range(256):
                     try:
                         conn, peer = sock.accept()
                     except BlockingIOError:
