@@ -61,8 +61,9 @@ SETTINGS = [
             "C(present) installs; C(absent) removes everything the collection added and nothing else.",
             choices=("present", "absent")),
     Setting("sidecar_mode", "str", "redirect",
-            ["How inbound traffic reaches the proxy: nat C(redirect), or mangle C(tproxy) (the proxy then "
-             "needs CAP_NET_ADMIN for IP_TRANSPARENT). Outbound is always nat REDIRECT."],
+            ["How inbound traffic reaches the proxy: nat C(redirect), or mangle C(tproxy) (its listener then "
+             "has IP_TRANSPARENT, set by systemd on the socket unit; the proxy needs no capability in either "
+             "mode). Outbound is always nat REDIRECT."],
             choices=("redirect", "tproxy")),
     Setting("sidecar_inbound_ports", "raw", "*",
             ["Inbound destination ports to capture, or C(*) for every TCP port.",

@@ -263,7 +263,8 @@ def python_for_uid(uid: int) -> str:
 
 class Proxy:
     def __init__(self, ns: str, cfg: dict[str, Any], tmp: Path, as_uid: int | None = None,
-                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None,
+                 passed: list[tuple[str, socket.socket]] | None = None, caps: bool = True) -> None:
         self.ns = ns
         self.own_tmp = as_uid is not None
         if as_uid is not None:  # pytest's tmp dirs are private to root
@@ -280,13 +281,24 @@ class Proxy:
             cmd += ["prlimit", f"--nofile={nofile}:{nofile}"]
         if as_uid is not None:
             os.chmod(self.path, 0o644)
-            cmd += ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups",
-                    "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]
+            cmd += ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"]
+            if caps:
+                cmd += ["--inh-caps=+net_admin", "--ambient-caps=+net_admin"]
+            else:
+                cmd += ["--inh-caps=-all", "--bounding-set=-all"]
         python = sys.executable if as_uid is None else python_for_uid(as_uid)
+        pass_fds: tuple[int, ...] = ()
+        if passed:
+            # what systemd does for a socket-activated service: the sockets become fds 3.., and the
+            # final process (LISTEN_PID) gets LISTEN_FDS / LISTEN_FDNAMES
+            pass_fds = tuple(sock.fileno() for _, sock in passed)
+            cmd += [python, str(HERE / "sd_launch.py"), ":".join(name for name, _ in passed),
+                    ",".join(str(fd) for fd in pass_fds)]
         cmd += [python, "-m", "sidecar_proxy", "--config", str(self.path)]
         full_env = dict(os.environ, PYTHONPATH=str(SRC), PYTHONDONTWRITEBYTECODE="1", **(env or {}))
         self.stderr = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, env=full_env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, env=full_env,
+                                     pass_fds=pass_fds)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 10.0) -> None:

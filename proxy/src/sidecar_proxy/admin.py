@@ -213,7 +213,8 @@ class Admin(Forwarding):
                                      "open": self.metrics_open, "rejected": self.metrics.metrics_rejected},
                 "listeners": [{"direction": lst.direction, "port": lst.port,
                                "family": "ipv6" if lst.family == socket.AF_INET6 else "ipv4",
-                               "tproxy": lst.tproxy} for lst in self.listeners.values()],
+                               "tproxy": lst.tproxy, "activated": lst.inherited}
+                              for lst in self.listeners.values()],
                 "config": {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
             })
             return "200 OK", "application/json", (json.dumps(stats, indent=1) + "\n").encode()

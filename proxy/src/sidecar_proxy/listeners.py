@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 
 from . import netutil
+from .activation import Inherited
 from .config import Config
 from .forwarding import EPOLLIN, Forwarding
 
@@ -16,15 +17,18 @@ log = logging.getLogger("sidecar_proxy")
 
 
 class Listener:
-    __slots__ = ("direction", "family", "port", "tproxy", "sock", "fd")
+    __slots__ = ("direction", "family", "port", "tproxy", "sock", "fd", "inherited")
 
-    def __init__(self, direction: str, family: int, port: int, tproxy: bool, sock: socket.socket) -> None:
+    def __init__(self, direction: str, family: int, port: int, tproxy: bool, sock: socket.socket,
+                 inherited: str | None = None) -> None:
         self.direction = direction
         self.family = family
         self.port = port
         self.tproxy = tproxy
         self.sock = sock
         self.fd = sock.fileno()
+        # the FileDescriptorName= of a socket passed by systemd (None: bound by this process)
+        self.inherited = inherited
 
     @property
     def spec(self) -> tuple[str, int, int, bool]:
@@ -48,12 +52,24 @@ class Listeners(Forwarding):
     handlers: dict[int, Callable[[int], None]]
     own_ports: set[int]
     local: netutil.LocalAddresses
+    inherited: Inherited
 
-    @staticmethod
-    def bind_listener(spec: tuple[str, int, int, bool]) -> Listener:
+    def bind_listener(self, spec: tuple[str, int, int, bool]) -> Listener:
+        """A passed (socket-activated) socket on the spec's family and port, else a socket bound here."""
         direction, fam, port, tproxy = spec
-        host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
-        return Listener(direction, fam, port, tproxy, netutil.listen_socket(fam, host, port, tproxy))
+        hit = self.inherited.take(fam, port)
+        if hit is None:
+            host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+            return Listener(direction, fam, port, tproxy, netutil.listen_socket(fam, host, port, tproxy))
+        name, sock = hit
+        try:
+            netutil.adopt_listen_socket(sock, tproxy)
+        except OSError as exc:
+            self.inherited.put_back(name, sock)
+            raise OSError(exc.errno, f"passed socket {name} on port {port}: {exc.strerror}") from None
+        if name not in (direction, "unknown"):
+            log.warning("passed socket %s on port %d serves the %s listener", name, port, direction)
+        return Listener(direction, fam, port, tproxy, sock, inherited=name)
 
     def add_listener(self, lst: Listener) -> None:
         self.listeners[lst.spec] = lst
@@ -64,7 +80,11 @@ class Listeners(Forwarding):
         self.handlers.pop(lst.fd, None)
         with contextlib.suppress(OSError, ValueError):
             self.ep.unregister(lst.fd)
-        lst.sock.close()
+        if lst.inherited is not None:
+            # systemd keeps its own copy listening; keep ours for a later configuration on this port
+            self.inherited.put_back(lst.inherited, lst.sock)
+        else:
+            lst.sock.close()
         self.listeners.pop(lst.spec, None)
 
     # ------------------------------------------------------------------ accept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -60,6 +61,22 @@ def listen_socket(family: int, host: str, port: int, transparent: bool, backlog:
         sock.close()
         raise
     return sock
+
+
+def adopt_listen_socket(sock: socket.socket, transparent: bool) -> None:
+    """Prepare a listening socket passed by the service manager as listen_socket() prepares its own.
+
+    IP_TRANSPARENT cannot be set without CAP_NET_ADMIN: a TPROXY listener must come with it set
+    (Transparent=yes in the socket unit), and an error names what is missing.
+    """
+    if transparent:
+        v6 = sock.family == socket.AF_INET6
+        level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
+        if not sock.getsockopt(level, opt):
+            raise OSError(errno.EINVAL,
+                          "TPROXY needs IP_TRANSPARENT on the listener (Transparent=yes in its socket unit)")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
 
 
 class LocalAddresses:

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import __version__, netutil
 from .accesslog import AccessLog
+from .activation import ActivationError, Inherited
 from .admin import Admin, AdminConn
 from .config import Config, ConfigError, build
 from .forwarding import BUF_KEEP, CONNECTING, EPOLLIN, OPEN, POOL_KEEP, BufferPool, Conn, Flow, PipePool
@@ -68,6 +69,7 @@ class Server(Listeners, Admin):
         self.pt_v6: str | None = None
         self.started = time.time()
         self.sig_r = -1
+        self.inherited = Inherited([])  # sockets passed by systemd (run() takes them)
 
     # ------------------------------------------------------------------ setup / config
     def apply(self, cfg: Config, initial: bool) -> None:
@@ -102,7 +104,7 @@ class Server(Listeners, Admin):
             access = self.access if keep else self.open_access_log(cfg.access_log, cfg.access_log_queue)
         except OSError:
             for lst in new.values():
-                lst.sock.close()
+                self.close_listener(lst)  # (a passed socket goes back to the pool)
             if admin is not None:
                 admin.close()
             if metrics[1] is not None:
@@ -230,6 +232,14 @@ class Server(Listeners, Admin):
     def run(self) -> int:
         raise_nofile_limit()
         try:
+            self.inherited = Inherited.from_environment()
+        except ActivationError as exc:
+            log.error("cannot start: socket activation: %s", exc)
+            return 1
+        if len(self.inherited):
+            log.info("socket activation: %d passed sockets (%s)", len(self.inherited),
+                     self.inherited.describe())
+        try:
             self.apply(self.cfg, initial=True)
         except OSError as exc:
             log.error("cannot start: %s", exc)
@@ -240,6 +250,9 @@ class Server(Listeners, Admin):
             signal.signal(signum, self.on_signal)
         self.ep.register(self.sig_r, EPOLLIN)
         self.handlers[self.sig_r] = self.on_signal_fd
+        if len(self.inherited):
+            log.warning("passed sockets that no listener uses (kept open): %s",
+                        self.inherited.describe())
         self.ready = True
         log.info("sidecar-proxy %s ready: mode=%s inbound=%d outbound=%d admin=%s:%d forwarding=%s",
                  __version__, self.cfg.mode, self.cfg.inbound_port, self.cfg.outbound_port,

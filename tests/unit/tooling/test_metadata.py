@@ -165,3 +165,29 @@ def test_capture_unit_description_names_the_backend(backend: str, word: str, not
                   _sidecar=dict(SIDECAR, backend=backend, mode="tproxy"), **EXTRA)
     description = unit_section(text, "Unit")["Description"][0]
     assert word in description and not_word not in description and "tproxy" in description
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+@pytest.mark.parametrize("families", [["ipv4"], ["ipv4", "ipv6"]])
+def test_proxy_socket_units_hold_the_listeners_the_proxy_would_bind(mode: str, families: list[str]) -> None:
+    """One socket unit per direction: the proxy's ports and families, Transparent= only for TPROXY inbound."""
+    sidecar = dict(SIDECAR, mode=mode, families=families, inbound_port=15006, outbound_port=15001)
+    service = unit_section(render("proxy", "sidecar-proxy.service.j2", _sidecar=sidecar, **EXTRA), "Service")
+    assert service["CapabilityBoundingSet"] == [""] and service["AmbientCapabilities"] == [""]
+    names = []
+    for sock in role_vars("proxy")["_sidecar_proxy_sockets"]:
+        text = render("proxy", "sidecar-proxy.socket.j2", _sidecar=sidecar, _sidecar_proxy_direction=sock["direction"],
+                      **EXTRA)
+        s = unit_section(text, "Socket")
+        port = sidecar[f"{sock['direction']}_port"]
+        assert s["ListenStream"] == [f"0.0.0.0:{port}"] + ([f"[::]:{port}"] if "ipv6" in families else [])
+        assert s["BindIPv6Only"] == ["ipv6-only"]  # the proxy's own IPv6 listener is IPV6_V6ONLY
+        assert s["FileDescriptorName"] == [sock["direction"]]
+        assert s["Service"] == [role_vars("proxy")["_sidecar_proxy_service"]]
+        assert s.get("Transparent", []) == (["yes"] if mode == "tproxy" and sock["direction"] == "inbound" else [])
+        assert "ReusePort" not in s  # the proxy's own listeners do not use SO_REUSEPORT
+        assert sock["path"].endswith("/" + sock["unit"])
+        names.append(sock["unit"])
+    assert service["Sockets"] == [" ".join(names)]
+    unit = unit_section(render("proxy", "sidecar-proxy.service.j2", _sidecar=sidecar, **EXTRA), "Unit")
+    assert unit["Requires"] == [" ".join(names)]
