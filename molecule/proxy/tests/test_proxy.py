@@ -67,6 +67,12 @@ def test_service_enabled_and_running_as_proxy_user(host):
     assert user.shell == "/usr/sbin/nologin"
 
 
+def test_memory_of_the_service_is_bounded(host):
+    # MemoryMax (sidecar_proxy_memory_max, default 512M) as systemd applies it to the running unit
+    limit = host.check_output("systemctl show -p MemoryMax --value sidecar-proxy.service").strip()
+    assert limit == str(512 * 1024 * 1024)
+
+
 def test_no_capability_in_either_mode(host):
     # the TPROXY listener's IP_TRANSPARENT is set by systemd on the socket unit (Transparent=yes)
     status = host.file(f"/proc/{main_pid(host)}/status").content_string
