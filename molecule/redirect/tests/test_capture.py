@@ -89,12 +89,23 @@ def test_outbound_is_intercepted_with_original_destination(host):
     assert any(e.get("dst") == "%s:8080" % addr for e in outbound), outbound
 
 
+def _ssh_banner(h, addr):
+    cmd = ("python3 -c \"import socket; s = socket.create_connection(('%s', 22), timeout=5); "
+           "print(s.recv(256).decode(errors='replace').strip())\"" % addr)
+    return h.run(cmd)
+
+
 @pytest.mark.parametrize("port", [22, 9090])
 def test_excluded_inbound_ports_and_ssh_are_not_captured(host, port):
     peer = _peer(host)
     since = _cursor(host)
     addr = _ip(host)
-    _ok(peer, addr, port)
+    if port == 22:  # the host's real sshd (the lab images run one)
+        r = _ssh_banner(peer, addr)
+        assert r.stdout.startswith("SSH-2.0-"), "sshd on %s:22 from %s: rc=%s %s %s" % (
+            addr, peer.backend.get_hostname(), r.rc, r.stdout.strip(), r.stderr.strip().splitlines()[-1:])
+    else:
+        _ok(peer, addr, port)
     _settle()
     assert [e for e in _log_since(host, since) if e.get("dst", "").endswith(":%d" % port)] == []
 
