@@ -406,8 +406,9 @@ class ProbeNamespace:
         try:
             ip_cmd("netns", "add", self.name)
         except RuntimeError as exc:
-            hint = ("; a container needs CAP_SYS_ADMIN for network namespaces, or name a probe peer "
-                    "(sidecar_rollout_probe_peer)") if "not permitted" in str(exc) else ""
+            hint = ("; network namespaces need CAP_SYS_ADMIN (a container: --cap-add SYS_ADMIN); site.yml and "
+                    "verify.yml can probe from another host instead (sidecar_rollout_probe_peer)"
+                    ) if "not permitted" in str(exc) else ""
             raise RuntimeError(f"{exc}{hint}") from None
         ip_cmd("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
         ip_cmd("link", "set", self.veth_ns, "netns", self.name)
