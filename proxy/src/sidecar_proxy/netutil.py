@@ -41,6 +41,11 @@ def fmt(addr: Addr) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+def transparent_option(family: int) -> tuple[int, int]:
+    """(level, option) of IP_TRANSPARENT / IPV6_TRANSPARENT for a socket of `family`."""
+    return (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 else (SOL_IP, IP_TRANSPARENT)
+
+
 def listen_socket(family: int, host: str, port: int, transparent: bool, backlog: int = 4096) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -48,10 +53,7 @@ def listen_socket(family: int, host: str, port: int, transparent: bool, backlog:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
-            if family == socket.AF_INET6:
-                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(*transparent_option(family), 1)
         # accepted sockets inherit TCP_NODELAY from the listener: one setsockopt fewer per connection
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
@@ -69,12 +71,9 @@ def adopt_listen_socket(sock: socket.socket, transparent: bool) -> None:
     IP_TRANSPARENT cannot be set without CAP_NET_ADMIN: a TPROXY listener must come with it set
     (Transparent=yes in the socket unit), and an error names what is missing.
     """
-    if transparent:
-        v6 = sock.family == socket.AF_INET6
-        level, opt = (SOL_IPV6, IPV6_TRANSPARENT) if v6 else (SOL_IP, IP_TRANSPARENT)
-        if not sock.getsockopt(level, opt):
-            raise OSError(errno.EINVAL,
-                          "TPROXY needs IP_TRANSPARENT on the listener (Transparent=yes in its socket unit)")
+    if transparent and not sock.getsockopt(*transparent_option(sock.family)):
+        raise OSError(errno.EINVAL,
+                      "TPROXY needs IP_TRANSPARENT on the listener (Transparent=yes in its socket unit)")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
 
