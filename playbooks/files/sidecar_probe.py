@@ -29,10 +29,12 @@ the playbook decides what counts as a failure):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -41,6 +43,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Iterator
 
 # access-log reasons that mean the destination never answered (connect_refused is an answer: the
 # path there and back works, only nothing listens, as on a peer that has no probe app yet)
@@ -116,18 +119,30 @@ def snapshot(admin_port: int) -> int:
 
 
 # ----------------------------------------------------------------------------- connect
+@contextlib.contextmanager
+def effective_ids(uid: int | None = None, gid: int | None = None) -> Iterator[None]:
+    """Run the body with this effective UID and/or GID (root only), then restore both: a socket
+    created meanwhile keeps them as its owner, which the capture rules' owner matches see."""
+    saved = (os.getegid(), os.geteuid())
+    try:
+        if gid is not None:
+            os.setegid(gid)
+        if uid is not None:
+            os.seteuid(uid)
+        yield
+    finally:
+        os.seteuid(saved[1])
+        os.setegid(saved[0])
+
+
 def open_socket(host: str, port: int, timeout: float, as_gid: int | None) -> socket.socket:
     """Connect; with as_gid (root only) the socket is created with that effective GID, so that an
     owner match for the proxy's GID lets it pass this host's own outbound capture: an inbound probe
     then tests the target's inbound path only, not the sender's outbound path too."""
     if as_gid is None or os.geteuid() != 0:
         return socket.create_connection((host, port), timeout=timeout)
-    saved = os.getegid()
-    os.setegid(as_gid)
-    try:
+    with effective_ids(gid=as_gid):
         return socket.create_connection((host, port), timeout=timeout)
-    finally:
-        os.setegid(saved)
 
 
 def connect(host: str, port: int, count: int, timeout: float, as_gid: int | None = None,
@@ -637,10 +652,7 @@ def _run(cmd: list, stdin: str = "", timeout: float = 15) -> subprocess.Complete
 
 
 def _which(name: str) -> str:
-    for d in ENV["PATH"].split(":"):
-        if os.access(os.path.join(d, name), os.X_OK):
-            return os.path.join(d, name)
-    return ""
+    return shutil.which(name, path=ENV["PATH"]) or ""
 
 
 def _iptables_kind(backend: str, family: str) -> tuple:
@@ -812,16 +824,8 @@ def _outbound_probe(family: str, dst: str, port: int, uid: int | None, gid: int 
                     tracer: _Tracer) -> dict:
     """Open one connection from this host to dst:port as uid/gid (the socket's owner), traced."""
     af = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
-    saved = (os.getegid(), os.geteuid())
-    try:
-        if gid is not None:
-            os.setegid(gid)
-        if uid is not None:
-            os.seteuid(uid)
+    with effective_ids(uid, gid):
         sock = socket.socket(af, socket.SOCK_STREAM)
-    finally:
-        os.seteuid(saved[1])
-        os.setegid(saved[0])
     item = {"ok": False, "error": ""}
     with sock:
         sock.bind(("::" if af == socket.AF_INET6 else "0.0.0.0", 0))
