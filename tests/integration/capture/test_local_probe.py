@@ -51,16 +51,23 @@ def host(tmp_path):
     try:
         yield name, procs, work
     finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=5)
-        for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+        remove_host([name], procs, work, PREFIX)
+
+
+def remove_host(namespaces, procs, work, prefix):
+    """Stop the test's processes, kill what still runs in its namespaces and delete them, its work
+    directory, and every namespace named `prefix`... that the probe under test may have left."""
+    for p in procs:
+        p.kill()
+        p.wait(timeout=5)
+    for ns in namespaces:
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
             sh("kill", "-9", pid, check=False)
-        sh("ip", "netns", "del", name, check=False)
-        shutil.rmtree(work, ignore_errors=True)
-        for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-            if line.startswith(PREFIX):
-                sh("ip", "netns", "del", line.split()[0], check=False)
+        sh("ip", "netns", "del", ns, check=False)
+    shutil.rmtree(work, ignore_errors=True)
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        if line.startswith(prefix):
+            sh("ip", "netns", "del", line.split()[0], check=False)
 
 
 def start_proxy(name, mode, work):

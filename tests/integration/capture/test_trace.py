@@ -58,17 +58,7 @@ def host(tmp_path):
         sh("ip", "-n", peer, "link", "set", "trb", "up")
         yield name, procs, work
     finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=5)
-        for ns in (name, peer):
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                sh("kill", "-9", pid, check=False)
-            sh("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(work, ignore_errors=True)
-        for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-            if line.startswith(PREFIX):
-                sh("ip", "netns", "del", line.split()[0], check=False)
+        lp.remove_host([name, peer], procs, work, PREFIX)
 
 
 def start_peer_app(host_name):
