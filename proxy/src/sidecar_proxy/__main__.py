@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import Server
+    from .workers import Supervisor, worker_count
 
+    count = worker_count(cfg.workers)
+    if count > 1:
+        return Supervisor(cfg, path, overrides, count).run()
     return Server(cfg, path, overrides).run()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 from collections import deque
 
@@ -25,8 +26,10 @@ QUEUE_LIMIT = 8 << 20
 class AccessLog:
     """One open sink ("-" = stdout, else a file opened for append) with its writer thread."""
 
-    def __init__(self, path: str, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, path: str, limit: int = QUEUE_LIMIT, whole_lines: bool = False) -> None:
         self.path = path
+        # several processes on one sink (workers): write whole lines, at most PIPE_BUF bytes at a time
+        self.whole_lines = whole_lines
         if path == "-":
             self.fd = 1
             self.own_fd = False
@@ -71,7 +74,21 @@ class AccessLog:
                 os.close(self.fd)
 
     def write_all(self, data: bytes) -> None:
-        view = memoryview(data)
+        if not self.whole_lines:
+            self.write_view(memoryview(data))
+            return
+        # a write of up to PIPE_BUF bytes to a pipe is atomic, and so is one to a file opened O_APPEND
+        # (or to journald's stream socket); only a single line longer than that goes alone, whole
+        start, end = 0, len(data)
+        while start < end:
+            stop = start + select.PIPE_BUF
+            if stop < end:
+                cut = data.rfind(b"\n", start, stop)
+                stop = cut + 1 if cut >= 0 else data.index(b"\n", start) + 1
+            self.write_view(memoryview(data)[start:min(stop, end)])
+            start = stop
+
+    def write_view(self, view: memoryview) -> None:
         while view:
             try:
                 n = os.write(self.fd, view)

@@ -10,11 +10,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import __version__, netutil
 from .config import Config
 from .forwarding import EPOLLIN, EPOLLRDHUP, Forwarding
 from .listeners import Listener
+from .metrics import Metrics
 
 log = logging.getLogger("sidecar_proxy")
 
@@ -45,6 +47,21 @@ class Admin(Forwarding):
     metrics_bound: tuple[str, int] | None = None
     metrics_paused: bool = False
     metrics_open: int = 0  # its connections in admin_conns, capped apart from the admin ones
+
+    # ------------------------------------------------------------------ what the endpoints report
+    # (one process: its own figures; the supervisor of workers overrides these with the sums, workers.py)
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining
+
+    def current_metrics(self) -> Metrics:
+        """The figures to report, gauges set."""
+        self.metrics.buffered_bytes = self.pipes.used if self.splice else self.buffers.used
+        self.metrics.buffer_budget = self.cfg.buffer_budget
+        self.metrics.buffer_waiting = len(self.waiters)
+        return self.metrics
+
+    def extra_stats(self, stats: dict[str, Any]) -> None:
+        """Add to /stats (the supervisor adds its workers)."""
 
     # ------------------------------------------------------------------ admin HTTP
     def admin_accept(self, _events: int) -> None:
@@ -183,29 +200,26 @@ class Admin(Forwarding):
         if metrics_only and path != "/metrics":
             return "404 Not Found", "text/plain", b"not found: this listener serves only /metrics\n"
         if path == "/ready":
-            if self.ready and not self.draining:
+            if self.is_ready():
                 return "200 OK", "text/plain", b"ready\n"
             why = b"draining\n" if self.draining else b"not ready\n"
             return "503 Service Unavailable", "text/plain", why
         if path == "/metrics":
-            self.metrics.buffered_bytes = self.pipes.used if self.splice else self.buffers.used
-            self.metrics.buffer_budget = self.cfg.buffer_budget
-            self.metrics.buffer_waiting = len(self.waiters)
-            text = self.metrics.prometheus(self.ready, self.draining)
+            text = self.current_metrics().prometheus(self.is_ready(), self.draining)
             return "200 OK", "text/plain; version=0.0.4", text.encode()
         if path == "/stats":
-            stats = self.metrics.stats()
+            m = self.current_metrics()
+            stats = m.stats()
             stats.update({
                 "version": __version__,
                 "mode": self.cfg.mode,
-                "ready": self.ready and not self.draining,
+                "ready": self.is_ready(),
                 "draining": self.draining,
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "forwarding": "splice" if self.splice else "copy",
                 "pipes": {"created": self.pipes.created, "pooled": len(self.pipes.free)},
-                "buffers": {"budget": self.cfg.buffer_budget,
-                            "used": self.pipes.used if self.splice else self.buffers.used,
-                            "waiting_flows": len(self.waiters), "waits": self.metrics.buffer_waits},
+                "buffers": {"budget": self.cfg.buffer_budget, "used": m.buffered_bytes,
+                            "waiting_flows": m.buffer_waiting, "waits": m.buffer_waits},
                 "admin": {"max_connections": self.cfg.admin_max_connections,
                           "open": len(self.admin_conns) - self.metrics_open,
                           "rejected": self.metrics.admin_rejected},
@@ -215,7 +229,9 @@ class Admin(Forwarding):
                                "family": "ipv6" if lst.family == socket.AF_INET6 else "ipv4",
                                "tproxy": lst.tproxy, "activated": lst.inherited}
                               for lst in self.listeners.values()],
+                "workers": m.workers,
                 "config": {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
             })
+            self.extra_stats(stats)
             return "200 OK", "application/json", (json.dumps(stats, indent=1) + "\n").encode()
         return "404 Not Found", "text/plain", b"not found: try /ready /metrics /stats\n"

@@ -43,6 +43,9 @@ class Config:
     buffer_budget: int = 32 << 20
     access_log: str = "-"
     log_level: str = "info"
+    # processes that accept and forward: a count, or "auto" (one per CPU available, workers.py); read
+    # at start (a reload keeps the running count)
+    workers: int | str = 1
     # tuning knobs outside the contract: environment variables, not file keys (ENV below)
     forward: str = "copy"
     copy_buf: int = 256 << 10
@@ -62,6 +65,7 @@ FORWARDS = ("copy", "splice")
 
 
 MIN_BUFFER_BUDGET = 1 << 20
+MAX_WORKERS = 1024
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -192,6 +196,10 @@ def validate(data: Any, env: Mapping[str, str] | None = None) -> Config:
         elif key == "access_log":
             if not isinstance(value, str) or "\0" in value:
                 raise _bad(key, value, 'must be "-" (stdout), "" (off) or a file path')
+            out[key] = value
+        elif key == "workers":
+            if value != "auto":
+                _int(key, value, 1, MAX_WORKERS, f'must be "auto" or an integer 1-{MAX_WORKERS}')
             out[key] = value
         elif key == "log_level":
             out[key] = _choice(key, value.lower() if isinstance(value, str) else value, LOG_LEVELS)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from . import netutil
 from .activation import Inherited
 from .config import Config
-from .forwarding import EPOLLIN, Forwarding
+from .forwarding import Forwarding
 
 log = logging.getLogger("sidecar_proxy")
 
@@ -53,6 +53,7 @@ class Listeners(Forwarding):
     own_ports: set[int]
     local: netutil.LocalAddresses
     inherited: Inherited
+    listen_events: int  # EPOLLIN; a worker adds EPOLLEXCLUSIVE (workers.py)
 
     def bind_listener(self, spec: tuple[str, int, int, bool]) -> Listener:
         """A passed (socket-activated) socket on the spec's family and port, else a socket bound here."""
@@ -73,7 +74,7 @@ class Listeners(Forwarding):
 
     def add_listener(self, lst: Listener) -> None:
         self.listeners[lst.spec] = lst
-        self.ep.register(lst.fd, EPOLLIN)
+        self.ep.register(lst.fd, self.listen_events)
         self.handlers[lst.fd] = self.make_acceptor(lst)
 
     def close_listener(self, lst: Listener) -> None:
@@ -108,8 +109,9 @@ class Listeners(Forwarding):
                         metrics.error("accept")
                         log.error("accept failed, pausing the listener: %s", exc)
                         self.paused.add(lst)
+                        # (unregistered, not modified: an EPOLLEXCLUSIVE registration cannot be)
                         with contextlib.suppress(OSError, ValueError):
-                            self.ep.modify(lst.fd, 0)
+                            self.ep.unregister(lst.fd)
                         return
                     continue
                 metrics.connections_total[direction] += 1

@@ -45,6 +45,7 @@ class Metrics:
         self.buffered_bytes = 0
         self.buffer_budget = 0
         self.buffer_waiting = 0
+        self.workers = 1  # processes forwarding (the supervisor sets it; workers.py)
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -55,6 +56,30 @@ class Metrics:
             self.connect_buckets[i] += 1
         self.connect_count += 1
         self.connect_sum += seconds
+
+    # the data plane's counters and gauges, which a worker publishes and its supervisor sums (workers.py)
+    COUNTERS = ("connections_total", "bytes_total", "errors", "connect_buckets", "connect_count",
+                "connect_sum", "access_log_dropped", "buffer_waits")
+    GAUGES = ("connections_active", "buffered_bytes", "buffer_waiting")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The data-plane fields as JSON-ready values (bytes_total keyed "direction_flow")."""
+        snap: dict[str, Any] = {name: getattr(self, name) for name in self.COUNTERS + self.GAUGES}
+        snap["bytes_total"] = {f"{d}_{f}": v for (d, f), v in self.bytes_total.items()}
+        return snap
+
+    def absorb(self, snap: dict[str, Any], gauges: bool = True) -> None:
+        """Add a snapshot() of another process to these figures (counters always, gauges if asked)."""
+        for name in self.COUNTERS + (self.GAUGES if gauges else ()):
+            value, mine = snap.get(name), getattr(self, name)
+            if isinstance(mine, dict):
+                keys = {k: f"{k[0]}_{k[1]}" for k in mine} if name == "bytes_total" else {k: k for k in mine}
+                for key, text in keys.items():
+                    mine[key] += (value or {}).get(text, 0)
+            elif isinstance(mine, list):
+                setattr(self, name, [a + b for a, b in zip(mine, value or [0] * len(mine), strict=True)])
+            else:
+                setattr(self, name, mine + (value or 0))
 
     def prometheus(self, ready: bool, draining: bool) -> str:
         lines = [
@@ -125,6 +150,9 @@ class Metrics:
             "# HELP sidecar_proxy_buffer_waits_total Times a flow had to wait for the buffer budget.",
             "# TYPE sidecar_proxy_buffer_waits_total counter",
             f"sidecar_proxy_buffer_waits_total {self.buffer_waits}",
+            "# HELP sidecar_proxy_workers Worker processes forwarding (the workers setting).",
+            "# TYPE sidecar_proxy_workers gauge",
+            f"sidecar_proxy_workers {self.workers}",
         ]
         return "\n".join(lines) + "\n"
 

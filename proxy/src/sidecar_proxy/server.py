@@ -31,8 +31,14 @@ from .metrics import Metrics
 
 log = logging.getLogger("sidecar_proxy")
 
+# signals a supervisor blocks around fork(); its worker unblocks them once its own handlers are set
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+PUBLISH_EVERY = 0.05  # seconds between a worker's publications of its figures (workers.py)
+
 
 class Server(Listeners, Admin):
+    extra_signals: tuple[int, ...] = ()  # handled besides SIGTERM, SIGINT, SIGHUP (the supervisor: SIGCHLD)
+
     def __init__(self, cfg: Config, config_path: str | None = None,
                  overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -68,8 +74,13 @@ class Server(Listeners, Admin):
         self.pt_v4: str | None = None
         self.pt_v6: str | None = None
         self.started = time.time()
-        self.sig_r = -1
+        self.sig_r = self.sig_w = -1
         self.inherited = Inherited([])  # sockets passed by systemd (run() takes them)
+        self.listen_events = EPOLLIN
+        # a worker (workers.py): its supervisor's pid, and where it publishes its figures; a worker takes
+        # its listeners from the supervisor and serves no admin or metrics endpoint
+        self.parent = 0
+        self.publish: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ setup / config
     def apply(self, cfg: Config, initial: bool) -> None:
@@ -95,9 +106,10 @@ class Server(Listeners, Admin):
                 if spec in self.listeners:
                     continue
                 new[spec] = self.bind_listener(spec)
-            if admin_changed:
+            if admin_changed and not self.parent:
                 admin = netutil.listen_socket(admin_fam, cfg.admin_address, cfg.admin_port, False, 128)
-            metrics = self.metrics_bind(cfg)
+            if not self.parent:
+                metrics = self.metrics_bind(cfg)
             # stdout stays one sink (two writer threads could interleave partial writes); a file is
             # reopened on every reload, which is what log rotation needs
             keep = self.access is not None and cfg.access_log == "-" and self.access.path == "-"
@@ -149,9 +161,10 @@ class Server(Listeners, Admin):
                         cfg.passthrough_source_v4)
         logging.getLogger().setLevel(cfg.log_level.upper())
 
-    @staticmethod
-    def open_access_log(path: str, limit: int) -> AccessLog | None:
-        return AccessLog(path, limit) if path else None
+    def open_access_log(self, path: str, limit: int) -> AccessLog | None:
+        # workers share the sink: each write is whole lines of at most PIPE_BUF bytes, which the kernel
+        # never interleaves with another process's writes
+        return AccessLog(path, limit, whole_lines=bool(self.parent)) if path else None
 
     def reload(self) -> None:
         if self.draining:
@@ -177,11 +190,14 @@ class Server(Listeners, Admin):
     # ------------------------------------------------------------------ timers
     def sweep(self) -> None:
         now = self.now
+        if self.parent and os.getppid() != self.parent and not self.draining:
+            log.warning("worker: the supervisor (pid %d) is gone, draining", self.parent)
+            self.begin_drain()
         if self.paused:
             for lst in self.paused:
                 if self.listeners.get(lst.spec) is lst:
                     with contextlib.suppress(OSError, ValueError):
-                        self.ep.modify(lst.fd, EPOLLIN)
+                        self.ep.register(lst.fd, self.listen_events)
             self.paused.clear()
         if self.admin_paused and self.admin_sock is not None:
             self.admin_paused = False
@@ -229,14 +245,28 @@ class Server(Listeners, Admin):
         log.info("draining: listeners closed, %d active connections, deadline %.1fs",
                  self.active, self.cfg.drain_timeout)
 
+    def handle_signals(self, sigs: list[int]) -> None:
+        for sig in sigs:
+            if sig == signal.SIGHUP:
+                self.reload()
+            else:
+                self.begin_drain()
+
+    def finished(self) -> bool:
+        return self.draining and (self.active == 0 or self.now >= self.drain_deadline)
+
+    def started_up(self) -> None:
+        """Called once everything is bound, before the loop (the supervisor forks its workers here)."""
+
     def run(self) -> int:
         raise_nofile_limit()
         try:
-            self.inherited = Inherited.from_environment()
+            if not self.parent:  # a worker's listeners come from its supervisor
+                self.inherited = Inherited.from_environment()
         except ActivationError as exc:
             log.error("cannot start: socket activation: %s", exc)
             return 1
-        if len(self.inherited):
+        if len(self.inherited) and not self.parent:
             log.info("socket activation: %d passed sockets (%s)", len(self.inherited),
                      self.inherited.describe())
         try:
@@ -244,15 +274,19 @@ class Server(Listeners, Admin):
         except OSError as exc:
             log.error("cannot start: %s", exc)
             return 1
-        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) + self.extra_signals:
             signal.signal(signum, self.on_signal)
+        if self.parent:  # a worker's configuration comes from its supervisor, which replaces it to reload
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.ep.register(self.sig_r, EPOLLIN)
         self.handlers[self.sig_r] = self.on_signal_fd
-        if len(self.inherited):
+        if len(self.inherited) and not self.parent:
             log.warning("passed sockets that no listener uses (kept open): %s",
                         self.inherited.describe())
+        self.started_up()
         self.ready = True
         log.info("sidecar-proxy %s ready: mode=%s inbound=%d outbound=%d admin=%s:%d forwarding=%s",
                  __version__, self.cfg.mode, self.cfg.inbound_port, self.cfg.outbound_port,
@@ -265,6 +299,8 @@ class Server(Listeners, Admin):
         next_sweep = time.monotonic() + 0.25
         on_sock_event = self.on_sock_event
         waiters = self.waiters
+        publish = self.publish
+        next_publish = 0.0
         while True:
             events = poll(0.25 if not self.draining else 0.05, 1024)
             self.now = now = time.monotonic()
@@ -282,17 +318,16 @@ class Server(Listeners, Admin):
                 self.flush_access_log()
             if self.signals:
                 sigs, self.signals = self.signals, []
-                for sig in sigs:
-                    if sig == signal.SIGHUP:
-                        self.reload()
-                    else:
-                        self.begin_drain()
+                self.handle_signals(sigs)
+            if publish is not None and now >= next_publish:
+                next_publish = now + PUBLISH_EVERY
+                publish()
             if now >= next_sweep:
                 next_sweep = now + 0.25
                 self.sweep()
                 if self.log_lines:
                     self.flush_access_log()
-            if self.draining and (self.active == 0 or now >= self.drain_deadline):
+            if self.finished():
                 break
         if self.active:
             log.warning("drain deadline reached, closing %d connections", self.active)
@@ -305,6 +340,8 @@ class Server(Listeners, Admin):
         self.flush_access_log()
         if self.access is not None:
             self.access.close(wait=2.0)
+        if publish is not None:
+            publish()
         log.info("stopped")
         return 0
 
