@@ -206,10 +206,11 @@ def test_reload_replaces_all_workers_and_a_bad_file_keeps_them(topo: Topo, start
     assert live.recv(6) == b"before"
     first_log = Path(proxy.cfg["access_log"])
     second_log = tmp_path / "second.log"
-    proxy.rewrite(access_log=str(second_log), idle_timeout=77)
+    proxy.rewrite(access_log=str(second_log), idle_timeout=77, workers=3)
     proxy.signal(signal.SIGHUP)
-    new = wait_workers(proxy, other_than=old)
+    new = wait_workers(proxy, other_than=old)  # (still 2: the count is read at start)
     assert proxy.stats()["reloads"]["ok"] == 1 and proxy.stats()["config"]["idle_timeout"] == 77
+    assert "workers changed from 2 to 3: that takes effect at the next start" in proxy.log_path.read_text()
     # the connection in flight went on through its (replaced, draining) worker
     live.sendall(b"after")
     live.shutdown(socket.SHUT_WR)

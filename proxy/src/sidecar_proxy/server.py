@@ -242,6 +242,10 @@ class Server(Listeners, Admin):
         self.drain_deadline = self.now + self.cfg.drain_timeout
         for lst in list(self.listeners.values()):
             self.close_listener(lst)
+        if self.parent:  # a worker closes its copies of the supervisor's sockets, as one process its own
+            for _name, sock in self.inherited.socks:
+                sock.close()
+            self.inherited.socks.clear()
         log.info("draining: listeners closed, %d active connections, deadline %.1fs",
                  self.active, self.cfg.drain_timeout)
 

@@ -80,7 +80,10 @@ def cgroup_cpus(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgr
 
 def available_cpus(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota; at least 1."""
-    cpus = len(os.sched_getaffinity(0))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:  # a system-call filter may refuse it
+        cpus = os.cpu_count() or 1
     quota = cgroup_cpus(proc_cgroup, root)
     return max(1, min(cpus, quota) if quota is not None else cpus)
 
@@ -171,7 +174,12 @@ class Supervisor(Server):
         # the child gets its own handlers before it takes a signal: block them across fork()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # (out of processes or memory: try again)
+                log.error("cannot start worker %d: %s; trying again in 1s", position, exc)
+                self.due[position] = self.now + 1.0
+                return
             if pid == 0:
                 code = 70
                 try:
