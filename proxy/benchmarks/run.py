@@ -460,7 +460,7 @@ def main() -> int:
                     help="subset of throughput,latency,rate,rss (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     ap.add_argument("--workers", action="store_true",
-                    help="add rows 'sidecar 1 worker' and 'sidecar 2 workers' (proxy on every CPU, load on one)")
+                    help="add rows 'sidecar 1 worker' and 'sidecar 2 workers' (proxy on all CPUs)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.repeats = 2.0, 1

@@ -204,8 +204,8 @@ class Supervisor(Server):
             if sock is not None:
                 sock.close()
         # the buffer budget bounds the memory of all workers together (the unit's MemoryMax)
-        cfg = dataclasses.replace(self.cfg, buffer_budget=max(MIN_BUFFER_BUDGET,
-                                                                self.cfg.buffer_budget // self.count))
+        budget = max(MIN_BUFFER_BUDGET, self.cfg.buffer_budget // self.count)
+        cfg = dataclasses.replace(self.cfg, buffer_budget=budget)
         worker = Server(cfg, self.config_path, self.overrides)
         worker.parent = os.getppid()
         worker.listen_events = select.EPOLLIN | select.EPOLLEXCLUSIVE
