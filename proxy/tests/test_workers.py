@@ -161,7 +161,7 @@ def test_two_workers_take_both_listeners_and_the_figures_are_their_sums(topo: To
                                                                          serve: Any) -> None:
     # the proxy and both captures in one namespace: inbound from the other side, outbound from here
     topo.capture(topo.cns, sidecar_proxy_uid=PROXY_UID)
-    proxy = start_proxy(topo.cns, {"workers": 2}, as_uid=PROXY_UID)
+    proxy = start_proxy(topo.cns, {"workers": 2, "metrics_address": "127.0.0.1"}, as_uid=PROXY_UID)
     app = serve(topo.cns, socket.AF_INET, 8080)
     far = serve(topo.sns, socket.AF_INET, 7070)
     workers = wait_workers(proxy)
@@ -191,6 +191,9 @@ def test_two_workers_take_both_listeners_and_the_figures_are_their_sums(topo: To
     assert 'sidecar_proxy_connections_total{direction="outbound"} 6' in metrics
     assert "sidecar_proxy_upstream_connect_seconds_count 12" in metrics
     assert "sidecar_proxy_workers 2" in metrics and "sidecar_proxy_ready 1" in metrics
+    with connect(topo.cns, socket.AF_INET, ("127.0.0.1", 15090)) as s:  # the metrics listener: the same sums
+        scraped = roundtrip(s, b"GET /metrics HTTP/1.0\r\n\r\n").decode()
+    assert 'sidecar_proxy_connections_total{direction="outbound"} 6' in scraped
     proxy.wait_until(lambda: len(proxy.access_log()) == 12)  # both workers' lines, whole, in one file
     assert sorted(e["direction"] for e in proxy.access_log()) == ["inbound"] * 6 + ["outbound"] * 6
 
