@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/fleet/run.sh [N ...]
 #   SIDECAR_BENCH_SERIAL='[1, "25%"]' SIDECAR_BENCH_FORKS=12 bash benchmarks/fleet/run.sh 6 12
+#   SIDECAR_BENCH_FULL_RERUN=1 ...   also times a third run with sidecar_rollout_skip_unchanged=false
+#                                    (every task of the roles again, as before the unchanged hosts were skipped)
 #
 # Containers are named fbench-N on the Podman network sidecar-fbench; both are removed on exit,
 # also on failure or Ctrl-C. Half the hosts run redirect, half tproxy. Probes go only to these hosts.
@@ -84,13 +86,15 @@ write_inventory() {
   } >"$WORK/inventory-$n.yml"
 }
 
-# run_site N LABEL: time one site.yml run; prints "seconds changed_total failed_total"
+# run_site N LABEL [EXTRA_VARS_JSON]: time one site.yml run; prints "seconds changed_total failed_total"
 run_site() {
   local n="$1" tag="$2" t0 t1 log
+  local -a extra=()
+  [ -z "${3:-}" ] || extra=(-e "$3")
   log="$WORK/site-$n-$tag.log"
   t0="$(date +%s.%N)"
   if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" ansible-playbook -i "$WORK/inventory-$n.yml" \
-      -e "{\"sidecar_rollout_serial\": $SERIAL}" sidecar.intercept.site >"$log" 2>&1; then
+      -e "{\"sidecar_rollout_serial\": $SERIAL}" "${extra[@]}" sidecar.intercept.site >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     die "site.yml failed for $n hosts ($tag run, log: $log)"
   fi
@@ -107,18 +111,24 @@ main() {
   mkdir -p "$WORK"
   cleanup
   [ "$CONNECTION" = podman ] || ssh_hosts_key "$WORK/ssh" >/dev/null || die "could not make an SSH key"
-  printf '%-6s | %-10s | %-14s | %-15s | %-16s\n' hosts batches "first run (s)" "re-run (s)" "re-run changed" >"$RESULTS"
-  printf '%s\n' "-------+------------+----------------+-----------------+-----------------" >>"$RESULTS"
-  local n first again
+  printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-s\n' hosts batches "first run (s)" "re-run (s)" "re-run changed" \
+    "full re-run (s), skip_unchanged=false" >"$RESULTS"
+  printf '%s\n' "-------+------------+----------------+-----------------+------------------+----------------------" >>"$RESULTS"
+  local n first again full
   for n in "${SIZES[@]}"; do
     log "rollout benchmark: $n hosts (serial $SERIAL, forks $FORKS)"
     start_hosts "$n"
     write_inventory "$n"
     first="$(run_site "$n" first)"
     again="$(run_site "$n" again)"
+    full="-"
+    if [ "${SIDECAR_BENCH_FULL_RERUN:-0}" = 1 ]; then
+      full="$(run_site "$n" full '{"sidecar_rollout_skip_unchanged": false}')"
+      full="${full%% *} (changed $(echo "$full" | cut -d' ' -f2))"
+    fi
     batches="$(grep -c '^PLAY \[Sidecar rollout | Deploy' "$WORK/site-$n-first.log" || true)"
-    printf '%-6s | %-10s | %-14s | %-15s | %-16s\n' "$n" "$batches" "${first%% *}" "${again%% *}" \
-      "$(echo "$again" | cut -d' ' -f2)" >>"$RESULTS"
+    printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-s\n' "$n" "$batches" "${first%% *}" "${again%% *}" \
+      "$(echo "$again" | cut -d' ' -f2)" "$full" >>"$RESULTS"
     cleanup
   done
   echo
