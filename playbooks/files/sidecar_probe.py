@@ -292,6 +292,9 @@ VETH_RE = re.compile(r"^spr(\d+)h$")
 CANDIDATES = ipaddress.ip_network("169.254.0.0/16")
 # never used: the cloud metadata address lives here
 RESERVED = [ipaddress.ip_network("169.254.169.0/24")]
+# IPv6 probe pairs (trace of an IPv6 inbound connection): a /64 of this fixed unique-local /48, chosen
+# like the IPv4 /30 (by PID, skipping any network the host has an address or route in)
+CANDIDATES6 = ipaddress.ip_network("fd5c:9e0b:7a41::/48")
 ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
@@ -355,6 +358,37 @@ def used_networks() -> list:
     return used
 
 
+def used_networks6() -> list:
+    """The host's IPv6 networks an IPv6 probe pair must not overlap: its addresses and routes."""
+    used = []
+    for link in json.loads(ip_cmd("-6", "-j", "addr", "show", check=False) or "[]"):
+        for a in link.get("addr_info", []):
+            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", 128)), strict=False))
+    for route in json.loads(ip_cmd("-6", "-j", "route", "show", "table", "all", check=False) or "[]"):
+        dst = route.get("dst", "")
+        if dst in ("", "default") or not dst[:1].isalnum():
+            continue
+        try:
+            net = ipaddress.ip_network(dst if "/" in dst else dst + "/128", strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen >= 48:  # an fc00::/7-wide route does not make every ULA used
+            used.append(net)
+    return used
+
+
+def pick_network6(avoid: list, seed: int) -> ipaddress.IPv6Network:
+    """A /64 of CANDIDATES6 that overlaps none of `avoid`, starting at a place given by `seed`."""
+    subnets = 1 << (64 - CANDIDATES6.prefixlen)
+    for i in range(subnets):
+        n = (seed * 4099 + i) % subnets
+        net = ipaddress.ip_network((int(CANDIDATES6.network_address) + (n << 64), 64))
+        if n == 0 or any(net.overlaps(a) for a in avoid if a.version == 6):
+            continue
+        return net
+    raise RuntimeError("no free unique-local /64 for the probe namespace")
+
+
 def pick_network(avoid: list, seed: int) -> ipaddress.IPv4Network:
     """A link-local /30 that overlaps none of `avoid`, starting at a place given by `seed`."""
     subnets = 1 << (30 - CANDIDATES.prefixlen)
@@ -389,15 +423,19 @@ class ProbeNamespace:
 
     Named after this process (`sweep` tells a killed run's leftovers from a live one); used as a
     context manager, it is removed on the way out whatever happened. `name`, `host_ip` (this host's
-    side of the pair), `ns_ip` (the namespace's side) and `network` are set once it exists.
+    side of the pair), `ns_ip` (the namespace's side) and `network` are set once it exists; with
+    ipv6=True the pair also gets a unique-local /64 (`host_ip6`, `ns_ip6`, `network6`; nodad, so
+    usable at once).
     """
 
-    def __init__(self, prefix: str = NETNS_PREFIX, avoid: list | None = None) -> None:
+    def __init__(self, prefix: str = NETNS_PREFIX, avoid: list | None = None, ipv6: bool = False) -> None:
         pid = os.getpid()
         self.name, self.veth_host, self.veth_ns = f"{prefix}{pid}", f"spr{pid}h", f"spr{pid}n"
         self.prefix = prefix
         self.avoid = list(avoid or [])
         self.host_ip = self.ns_ip = self.network = ""
+        self.ipv6 = ipv6
+        self.host_ip6 = self.ns_ip6 = self.network6 = ""
         self.swept: list = []
         self.removed = False
 
@@ -432,6 +470,12 @@ class ProbeNamespace:
         ip_cmd("-n", self.name, "link", "set", "lo", "up")
         ip_cmd("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns)
         ip_cmd("-n", self.name, "link", "set", self.veth_ns, "up")
+        if self.ipv6:
+            net6 = pick_network6(used_networks6(), pid)
+            self.host_ip6, self.ns_ip6 = str(net6.network_address + 1), str(net6.network_address + 2)
+            self.network6 = str(net6)
+            for ns, dev, addr in (([], self.veth_host, self.host_ip6), (["-n", self.name], self.veth_ns, self.ns_ip6)):
+                ip_cmd(*ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
 
     def exec_args(self) -> list:
         """The command prefix that runs a program inside the namespace."""
@@ -559,10 +603,12 @@ def _step(family: str, table: str, chain: str, handle: str, rule: str, verdict: 
             "verdict": verdict, "ours": ours, "action": action, "packet": pkt}
 
 
-def parse_nft_trace(text: str, marker_table: str) -> dict:
+def parse_nft_trace(text: str, marker_table: str, marker_chain: str = "") -> dict:
     """`nft [-a] monitor trace` output -> the steps of the packets our marker table marked, in order.
 
-    Steps inside the marker table itself are left out; rule counters are shortened to `counter`."""
+    Steps inside the marker table itself are left out; rule counters are shortened to `counter`.
+    With marker_chain (an iptables-nft trace read by nft), the packets that passed that chain are the
+    marked ones, and the chain's own steps and the jumps to it are left out."""
     events = []
     marked = []
     packets: dict = {}
@@ -571,7 +617,7 @@ def parse_nft_trace(text: str, marker_table: str) -> dict:
         if not m:
             continue
         tid, family, table, chain, rest = m.groups()
-        if table == marker_table:
+        if table == marker_table or (marker_chain and chain == marker_chain):
             if tid not in marked:
                 marked.append(tid)
             continue
@@ -585,6 +631,9 @@ def parse_nft_trace(text: str, marker_table: str) -> dict:
             rule, handle, verdict = rest.split(" ", 1)[0], "", rest.split(" ", 1)[1]
         else:
             continue
+        if marker_chain and verdict.split(" ")[-1] == marker_chain:
+            continue
+        family = {"ip": "ipv4", "ip6": "ipv6"}.get(family, family)  # named as the xtables reader names them
         events.append((tid, _step(family, table, chain, handle, _COUNTER.sub("counter", rule).strip(), verdict, tid)))
     steps = [st for tid, st in events if tid in marked]
     return {"packets": [{"id": t, "packet": packets.get(t, "")} for t in marked], "steps": steps}
@@ -723,6 +772,8 @@ class _Tracer:
         self.xt_table = ""
         self.error = ""
         self.monitor: subprocess.Popen | None = None
+        self.nft_reader: subprocess.Popen | None = None  # IPv6 on iptables-nft: nft reads the trace too
+        self.fallback_text = ""
         self.created: list = []
 
     def start(self, src: str, dst: str, dport: int, sport: int = 0) -> None:
@@ -751,36 +802,53 @@ class _Tracer:
                 self.created.append(step[0])
             mon = ["xtables-monitor", "--trace", "-6" if self.family == "ipv6" else "-4"]
         # bounded even when this process is killed outright (coreutils timeout ends the monitor)
-        self.monitor = subprocess.Popen(["timeout", str(int(self.timeout) + 15), *mon], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+        self.monitor = self._spawn(mon)
+        if self.backend != "nftables" and self.family == "ipv6" and _which("nft"):
+            # xtables-monitor 1.8.9 exits on IPv6 TCP rules ("Parsing nftables rule failed"); the same
+            # trace events, read by nft, are the fallback (the iptables-nft rules are nftables rules)
+            self.nft_reader = self._spawn(["nft", "-a", "monitor", "trace"])
         time.sleep(0.5)  # the monitor subscribes to the trace events
         if self.monitor.poll() is not None:
             raise RuntimeError("{} exited: {}".format(" ".join(mon), self.monitor.stderr.read().decode().strip()
                                                       if self.monitor.stderr else ""))
 
+    def _spawn(self, cmd: list) -> subprocess.Popen:
+        # bounded even when this process is killed outright (coreutils timeout ends the monitor)
+        return subprocess.Popen(["timeout", str(int(self.timeout) + 15), *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+
+    def _collect(self, proc: subprocess.Popen) -> tuple:
+        """Stop a monitor; (stdout, stderr, whether it had exited on its own before)."""
+        died = proc.poll() is not None  # on its own, before we stop it: it failed
+        self._signal_monitor(signal.SIGTERM, proc)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._signal_monitor(signal.SIGKILL, proc)
+            out, err = proc.communicate(timeout=5)
+        return out, err, died
+
     def finish(self) -> str:
-        """Stop the monitor and return what it printed."""
+        """Stop the monitor(s) and return what the main one printed (the fallback's in fallback_text)."""
         if self.monitor is None:
             return ""
         time.sleep(0.5)  # the last events of the probe
-        died = self.monitor.poll() is not None  # on its own, before we stop it: it failed
-        self._signal_monitor(signal.SIGTERM)
-        try:
-            out, err = self.monitor.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._signal_monitor(signal.SIGKILL)
-            out, err = self.monitor.communicate(timeout=5)
+        out, err, died = self._collect(self.monitor)
+        if self.nft_reader is not None:
+            self.fallback_text = self._collect(self.nft_reader)[0].decode("utf-8", "replace")
+            self.nft_reader = None
         if died:
             # e.g. xtables-monitor 1.8.9 cannot print IPv6 TCP rules: "Parsing nftables rule failed"
             self.error = " ".join(err.decode("utf-8", "replace").split())[:300] or "exited"
         self.monitor = None
         return out.decode("utf-8", "replace")
 
-    def _signal_monitor(self, sig: int) -> None:
-        """The monitor and the `timeout` around it are a process group of their own: signal both."""
-        if self.monitor is not None:
+    def _signal_monitor(self, sig: int, proc: subprocess.Popen | None = None) -> None:
+        """A monitor and the `timeout` around it are a process group of their own: signal both."""
+        proc = proc or self.monitor
+        if proc is not None:
             try:
-                os.killpg(self.monitor.pid, sig)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -788,15 +856,17 @@ class _Tracer:
         """Remove everything temporary; what is left afterwards (empty when all is gone)."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            if self.monitor is not None:
-                self._signal_monitor(signal.SIGTERM)
+            for proc in (self.monitor, self.nft_reader):
+                if proc is None:
+                    continue
+                self._signal_monitor(signal.SIGTERM, proc)
                 try:
-                    self.monitor.wait(timeout=3)
+                    proc.wait(timeout=3)
                 except subprocess.TimeoutExpired:
                     pass
-                self._signal_monitor(signal.SIGKILL)
-                self.monitor.wait(timeout=5)
-                self.monitor = None
+                self._signal_monitor(signal.SIGKILL, proc)
+                proc.wait(timeout=5)
+            self.monitor = self.nft_reader = None
             left = []
             if self.backend == "nftables" and _which("nft"):
                 _run(["nft", "delete", "table", "inet", self.table])
@@ -858,9 +928,6 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
         out["reason"] = "no capture rules on this host (backend {}): nothing to trace".format(backend or "none")
         return out
     if direction == "inbound":
-        if family == "ipv6":
-            out["reason"] = "an IPv6 inbound probe is not implemented (the probe namespace is IPv4 only)"
-            return out
         if addr not in _local_addresses(family) or ipaddress.ip_address(addr).is_loopback:
             out["reason"] = (f"{addr} is not a (non-loopback) address of this host: an inbound probe from a "
                              "namespace would be forwarded, not traced here")
@@ -878,10 +945,12 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
                 if direction == "outbound":
                     out["probe"] = _outbound_probe(family, addr, port, uid, gid, timeout, tracer)
                 else:
-                    with ProbeNamespace(prefix, avoid) as pns:
+                    with ProbeNamespace(prefix, avoid, ipv6=family == "ipv6") as pns:
                         out["netns"] = pns.name
-                        ip_cmd("-n", pns.name, "route", "add", "default", "via", pns.host_ip)
-                        tracer.start(pns.ns_ip, addr, port)
+                        src = pns.ns_ip6 if family == "ipv6" else pns.ns_ip
+                        ip_cmd("-n", pns.name, "-6" if family == "ipv6" else "-4", "route", "add", "default",
+                               "via", pns.host_ip6 if family == "ipv6" else pns.host_ip)
+                        tracer.start(src, addr, port)
                         me = [sys.executable, os.path.abspath(__file__)]
                         res = subprocess.run([*pns.exec_args(), *me, "connect", "--host", addr, "--port", str(port),
                                               "--timeout", str(timeout), "--no-data"],
@@ -892,7 +961,7 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
                         except ValueError:
                             r = {"ok": False, "error": res.stderr.decode("utf-8", "replace")[-300:]}
                         out["probe"] = {"ok": r.get("ok", False), "error": r.get("error", ""), "ms": r.get("ms"),
-                                        "source": pns.ns_ip}
+                                        "source": src}
                         text = tracer.finish()
                     out["netns_removed"] = pns.removed
                 text = text or tracer.finish()
@@ -901,9 +970,17 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError, _Stop) as exc:
         out["problems"].append(f"trace: {exc}")
         text = ""
-    if tracer.error:
-        out["problems"].append(f"{tracer.tool} stopped before the end of the trace: {tracer.error}")
+    stopped = f"{tracer.tool} stopped before the end of the trace: {tracer.error}" if tracer.error else ""
     parsed = parse_nft_trace(text, tracer.table) if backend == "nftables" else parse_xtables_trace(text, tracer.chain)
+    out["reader"] = tracer.tool
+    if (tracer.error or not parsed["steps"]) and tracer.fallback_text:  # xtables-monitor died or saw nothing
+        fallback = parse_nft_trace(tracer.fallback_text, "", tracer.chain)
+        if fallback["steps"]:
+            parsed, stopped = fallback, ""
+            out["reader"] = "nft monitor trace (fallback: xtables-monitor printed no path; rules shown as nft rules)"
+            out["notes"] = [f"{tracer.tool} printed no path ({tracer.error or 'no events'}): read with nft instead"]
+    if stopped:
+        out["problems"].append(stopped)
     out.update(parsed)
     out["available"] = bool(out["steps"])
     if not out["steps"] and not out["reason"]:
