@@ -570,7 +570,10 @@ def local_result(admin_port: int, port: int, count: int, timeout: float, avoid: 
 #                    PREROUTING/OUTPUT chain of the earliest table the host already has (raw, else
 #                    mangle, else nat: creating a table would leave it behind), read with
 #                    `xtables-monitor --trace`;
-#   iptables-legacy: TRACE goes to the kernel log; not read here (the result says so).
+#   iptables-legacy: TRACE goes to the kernel log (nf_log; none from a non-initial namespace unless
+#                    nf_log_all_netns=1); not read here (the result says so).
+# IPv6 on iptables-nft: `nft -a monitor trace` runs beside xtables-monitor (1.8.9 exits on IPv6 TCP
+# rules) and its reading is used when xtables-monitor printed no path; the result's `tool` says which.
 TRACE_TABLE = "sidecar_trace_"
 TRACE_CHAIN = "SCTRACE_"
 TRACE_RE = re.compile(r"^(?:sidecar_trace_|SCTRACE_)(\d+)$")
@@ -714,8 +717,13 @@ def _iptables_kind(backend: str, family: str) -> tuple:
     else:
         cmd = f"{base}-{backend}"
     if backend == "legacy":
-        return cmd, ("iptables-legacy sends TRACE to the kernel log, which is not read here; "
-                     "no traced path (the verdict above is computed from the rules)")
+        # legacy TRACE has no netlink event: the nf_log backend (/proc/sys/net/netfilter/nf_log/<family>)
+        # writes "TRACE: table:chain:type:rulenum" lines to the kernel log, and only for the initial
+        # network namespace unless net.netfilter.nf_log_all_netns=1 (a machine-wide switch not flipped
+        # here); those lines carry no trace id, so they cannot be told from other traced packets reliably
+        return cmd, ("iptables-legacy sends TRACE to the kernel log (nf_log, only in the initial network namespace "
+                     "unless net.netfilter.nf_log_all_netns=1), which is not read here; no traced path (the "
+                     "verdict above is computed from the rules)")
     if not _which(cmd) or not _which("xtables-monitor"):
         return cmd, f"{cmd} or xtables-monitor is not installed"
     return cmd, ""
@@ -972,12 +980,11 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
         text = ""
     stopped = f"{tracer.tool} stopped before the end of the trace: {tracer.error}" if tracer.error else ""
     parsed = parse_nft_trace(text, tracer.table) if backend == "nftables" else parse_xtables_trace(text, tracer.chain)
-    out["reader"] = tracer.tool
     if (tracer.error or not parsed["steps"]) and tracer.fallback_text:  # xtables-monitor died or saw nothing
         fallback = parse_nft_trace(tracer.fallback_text, "", tracer.chain)
         if fallback["steps"]:
             parsed, stopped = fallback, ""
-            out["reader"] = "nft monitor trace (fallback: xtables-monitor printed no path; rules shown as nft rules)"
+            out["tool"] = "nft monitor trace (fallback: xtables-monitor printed no path; rules shown as nft rules)"
             out["notes"] = [f"{tracer.tool} printed no path ({tracer.error or 'no events'}): read with nft instead"]
     if stopped:
         out["problems"].append(stopped)

@@ -245,10 +245,10 @@ def test_trace_of_a_captured_ipv6_outbound_connection(host, tmp_path, backend):
     out = run_trace(name, "[fd00:251::2]:15080", "outbound", backend)
     assert out["left"] == [] and leftovers(name) == []
     assert out["available"] is True, out
-    if backend == "nft" and out["reader"] != "xtables-monitor --trace":
+    if backend == "nft" and out["tool"] != "xtables-monitor --trace":
         # xtables-monitor 1.8.9 (Debian 12) exits on IPv6 TCP rules ("Parsing nftables rule failed"):
         # the same events were read with nft instead, and the result says so
-        assert out["reader"].startswith("nft monitor trace (fallback"), out
+        assert out["tool"].startswith("nft monitor trace (fallback"), out
         assert "Parsing nftables rule failed" in out["notes"][0], out
     assert out["problems"] == [], out
     assert {s["family"] for s in out["steps"]} <= {"ipv6", "inet"}
@@ -283,7 +283,7 @@ def test_trace_of_a_captured_ipv6_inbound_connection(host, tmp_path, backend):
     assert out["probe"]["source"].startswith("fd5c:9e0b:7a41:"), out["probe"]
     assert out["probe"]["ok"] is True, out["probe"]
     if backend == "nft":
-        assert out["reader"] == "xtables-monitor --trace" or out["reader"].startswith("nft monitor trace (fallback")
+        assert out["tool"] == "xtables-monitor --trace" or out["tool"].startswith("nft monitor trace (fallback")
     assert out["problems"] == [], out
     assert out["netns_removed"] is True and out["left"] == [] and leftovers(name) == []
 
