@@ -342,63 +342,52 @@ def sweep(prefix: str = NETNS_PREFIX) -> list:
     return removed
 
 
-def used_networks() -> list:
-    """The host's IPv4 networks a probe pair must not overlap: its addresses and specific routes."""
-    used = list(RESERVED)
-    for link in json.loads(ip_cmd("-4", "-j", "addr", "show", check=False) or "[]"):
-        for a in link.get("addr_info", []):
-            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", 32)), strict=False))
-    for route in json.loads(ip_cmd("-4", "-j", "route", "show", "table", "all", check=False) or "[]"):
-        dst = route.get("dst", "")
-        if dst in ("", "default"):
-            continue
-        net = ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False)
-        if net.prefixlen >= 24:  # a zeroconf 169.254.0.0/16 route does not make its addresses used
-            used.append(net)
-    return used
+# per family: the candidates, the size of a probe pair's network, the narrowest route that does not make
+# its addresses used (a zeroconf 169.254.0.0/16 or an fc00::/7-wide route does not), the networks never
+# used, and whether the last network of the candidates is left out (IPv4: its broadcast end)
+PROBE_NETS = {
+    "ipv4": {"candidates": CANDIDATES, "prefixlen": 30, "route_min": 24, "reserved": RESERVED, "skip_last": True},
+    "ipv6": {"candidates": CANDIDATES6, "prefixlen": 64, "route_min": 48, "reserved": [], "skip_last": False},
+}
 
 
-def used_networks6() -> list:
-    """The host's IPv6 networks an IPv6 probe pair must not overlap: its addresses and routes."""
-    used = []
-    for link in json.loads(ip_cmd("-6", "-j", "addr", "show", check=False) or "[]"):
+def used_networks(family: str = "ipv4") -> list:
+    """The host's networks of `family` a probe pair must not overlap: its addresses and specific routes."""
+    spec = PROBE_NETS[family]
+    opt, host_len = ("-6", 128) if family == "ipv6" else ("-4", 32)
+    used = list(spec["reserved"])
+    for link in json.loads(ip_cmd(opt, "-j", "addr", "show", check=False) or "[]"):
         for a in link.get("addr_info", []):
-            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", 128)), strict=False))
-    for route in json.loads(ip_cmd("-6", "-j", "route", "show", "table", "all", check=False) or "[]"):
+            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", host_len)), strict=False))
+    for route in json.loads(ip_cmd(opt, "-j", "route", "show", "table", "all", check=False) or "[]"):
         dst = route.get("dst", "")
         if dst in ("", "default") or not dst[:1].isalnum():
             continue
         try:
-            net = ipaddress.ip_network(dst if "/" in dst else dst + "/128", strict=False)
+            net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/{host_len}", strict=False)
         except ValueError:
             continue
-        if net.prefixlen >= 48:  # an fc00::/7-wide route does not make every ULA used
+        if net.prefixlen >= spec["route_min"]:
             used.append(net)
     return used
 
 
-def pick_network6(avoid: list, seed: int) -> ipaddress.IPv6Network:
-    """A /64 of CANDIDATES6 that overlaps none of `avoid`, starting at a place given by `seed`."""
-    subnets = 1 << (64 - CANDIDATES6.prefixlen)
+def pick_network(avoid: list, seed: int, family: str = "ipv4") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A probe pair's network of `family` (IPv4: a link-local /30, IPv6: a unique-local /64 of
+    CANDIDATES6) that overlaps none of `avoid`, starting at a place given by `seed`."""
+    spec = PROBE_NETS[family]
+    cand, plen = spec["candidates"], spec["prefixlen"]
+    subnets = 1 << (plen - cand.prefixlen)
+    size = 1 << (cand.max_prefixlen - plen)
     for i in range(subnets):
         n = (seed * 4099 + i) % subnets
-        net = ipaddress.ip_network((int(CANDIDATES6.network_address) + (n << 64), 64))
-        if n == 0 or any(net.overlaps(a) for a in avoid if a.version == 6):
+        net = ipaddress.ip_network((int(cand.network_address) + size * n, plen))
+        if n == 0 or (spec["skip_last"] and n == subnets - 1) or any(
+                net.overlaps(a) for a in avoid if a.version == net.version):
             continue
         return net
-    raise RuntimeError("no free unique-local /64 for the probe namespace")
-
-
-def pick_network(avoid: list, seed: int) -> ipaddress.IPv4Network:
-    """A link-local /30 that overlaps none of `avoid`, starting at a place given by `seed`."""
-    subnets = 1 << (30 - CANDIDATES.prefixlen)
-    for i in range(subnets):
-        n = (seed * 4099 + i) % subnets
-        net = ipaddress.ip_network((int(CANDIDATES.network_address) + 4 * n, 30))
-        if n == 0 or n == subnets - 1 or any(net.overlaps(a) for a in avoid):
-            continue
-        return net
-    raise RuntimeError("no free link-local /30 for the probe namespace")
+    raise RuntimeError("no free {} /{} for the probe namespace".format(
+        "link-local" if family == "ipv4" else "unique-local", plen))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -471,7 +460,7 @@ class ProbeNamespace:
         ip_cmd("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns)
         ip_cmd("-n", self.name, "link", "set", self.veth_ns, "up")
         if self.ipv6:
-            net6 = pick_network6(used_networks6(), pid)
+            net6 = pick_network(used_networks("ipv6"), pid, "ipv6")
             self.host_ip6, self.ns_ip6 = str(net6.network_address + 1), str(net6.network_address + 2)
             self.network6 = str(net6)
             for ns, dev, addr in (([], self.veth_host, self.host_ip6), (["-n", self.name], self.veth_ns, self.ns_ip6)):
@@ -809,7 +798,6 @@ class _Tracer:
                     raise RuntimeError("{} {}: {}".format(self.cmd, " ".join(step), res.stderr.decode().strip()))
                 self.created.append(step[0])
             mon = ["xtables-monitor", "--trace", "-6" if self.family == "ipv6" else "-4"]
-        # bounded even when this process is killed outright (coreutils timeout ends the monitor)
         self.monitor = self._spawn(mon)
         if self.backend != "nftables" and self.family == "ipv6" and _which("nft"):
             # xtables-monitor 1.8.9 exits on IPv6 TCP rules ("Parsing nftables rule failed"); the same

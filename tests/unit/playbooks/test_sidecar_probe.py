@@ -322,12 +322,12 @@ def test_pick_network6_is_a_unique_local_64_and_avoids_what_is_used():
     used = [ipaddress.ip_network("fd5c:9e0b:7a41::/49"), ipaddress.ip_network("10.0.0.0/8")]
     seen = set()
     for seed in range(200):
-        net = probe.pick_network6(used, seed)
+        net = probe.pick_network(used, seed, "ipv6")
         assert net.prefixlen == 64 and net.subnet_of(base) and not net.overlaps(used[0]), (seed, net)
         seen.add(net)
     assert len(seen) > 50  # different runs (PIDs) start at different places (half the seeds land in `used`)
     with pytest.raises(RuntimeError, match="no free unique-local /64"):
-        probe.pick_network6([base], 1)
+        probe.pick_network([base], 1, "ipv6")
 
 
 def test_trace_parsers_without_our_marker_find_nothing():
