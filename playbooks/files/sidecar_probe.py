@@ -292,6 +292,9 @@ VETH_RE = re.compile(r"^spr(\d+)h$")
 CANDIDATES = ipaddress.ip_network("169.254.0.0/16")
 # never used: the cloud metadata address lives here
 RESERVED = [ipaddress.ip_network("169.254.169.0/24")]
+# IPv6 probe pairs (trace of an IPv6 inbound connection): a /64 of this fixed unique-local /48, chosen
+# like the IPv4 /30 (by PID, skipping any network the host has an address or route in)
+CANDIDATES6 = ipaddress.ip_network("fd5c:9e0b:7a41::/48")
 ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
@@ -339,32 +342,52 @@ def sweep(prefix: str = NETNS_PREFIX) -> list:
     return removed
 
 
-def used_networks() -> list:
-    """The host's IPv4 networks a probe pair must not overlap: its addresses and specific routes."""
-    used = list(RESERVED)
-    for link in json.loads(ip_cmd("-4", "-j", "addr", "show", check=False) or "[]"):
+# per family: the candidates, the size of a probe pair's network, the narrowest route that does not make
+# its addresses used (a zeroconf 169.254.0.0/16 or an fc00::/7-wide route does not), the networks never
+# used, and whether the last network of the candidates is left out (IPv4: its broadcast end)
+PROBE_NETS = {
+    "ipv4": {"candidates": CANDIDATES, "prefixlen": 30, "route_min": 24, "reserved": RESERVED, "skip_last": True},
+    "ipv6": {"candidates": CANDIDATES6, "prefixlen": 64, "route_min": 48, "reserved": [], "skip_last": False},
+}
+
+
+def used_networks(family: str = "ipv4") -> list:
+    """The host's networks of `family` a probe pair must not overlap: its addresses and specific routes."""
+    spec = PROBE_NETS[family]
+    opt, host_len = ("-6", 128) if family == "ipv6" else ("-4", 32)
+    used = list(spec["reserved"])
+    for link in json.loads(ip_cmd(opt, "-j", "addr", "show", check=False) or "[]"):
         for a in link.get("addr_info", []):
-            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", 32)), strict=False))
-    for route in json.loads(ip_cmd("-4", "-j", "route", "show", "table", "all", check=False) or "[]"):
+            used.append(ipaddress.ip_network("{}/{}".format(a["local"], a.get("prefixlen", host_len)), strict=False))
+    for route in json.loads(ip_cmd(opt, "-j", "route", "show", "table", "all", check=False) or "[]"):
         dst = route.get("dst", "")
-        if dst in ("", "default"):
+        if dst in ("", "default") or not dst[:1].isalnum():
             continue
-        net = ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False)
-        if net.prefixlen >= 24:  # a zeroconf 169.254.0.0/16 route does not make its addresses used
+        try:
+            net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/{host_len}", strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen >= spec["route_min"]:
             used.append(net)
     return used
 
 
-def pick_network(avoid: list, seed: int) -> ipaddress.IPv4Network:
-    """A link-local /30 that overlaps none of `avoid`, starting at a place given by `seed`."""
-    subnets = 1 << (30 - CANDIDATES.prefixlen)
+def pick_network(avoid: list, seed: int, family: str = "ipv4") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A probe pair's network of `family` (IPv4: a link-local /30, IPv6: a unique-local /64 of
+    CANDIDATES6) that overlaps none of `avoid`, starting at a place given by `seed`."""
+    spec = PROBE_NETS[family]
+    cand, plen = spec["candidates"], spec["prefixlen"]
+    subnets = 1 << (plen - cand.prefixlen)
+    size = 1 << (cand.max_prefixlen - plen)
     for i in range(subnets):
         n = (seed * 4099 + i) % subnets
-        net = ipaddress.ip_network((int(CANDIDATES.network_address) + 4 * n, 30))
-        if n == 0 or n == subnets - 1 or any(net.overlaps(a) for a in avoid):
+        net = ipaddress.ip_network((int(cand.network_address) + size * n, plen))
+        if n == 0 or (spec["skip_last"] and n == subnets - 1) or any(
+                net.overlaps(a) for a in avoid if a.version == net.version):
             continue
         return net
-    raise RuntimeError("no free link-local /30 for the probe namespace")
+    raise RuntimeError("no free {} /{} for the probe namespace".format(
+        "link-local" if family == "ipv4" else "unique-local", plen))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -389,15 +412,19 @@ class ProbeNamespace:
 
     Named after this process (`sweep` tells a killed run's leftovers from a live one); used as a
     context manager, it is removed on the way out whatever happened. `name`, `host_ip` (this host's
-    side of the pair), `ns_ip` (the namespace's side) and `network` are set once it exists.
+    side of the pair), `ns_ip` (the namespace's side) and `network` are set once it exists; with
+    ipv6=True the pair also gets a unique-local /64 (`host_ip6`, `ns_ip6`, `network6`; nodad, so
+    usable at once).
     """
 
-    def __init__(self, prefix: str = NETNS_PREFIX, avoid: list | None = None) -> None:
+    def __init__(self, prefix: str = NETNS_PREFIX, avoid: list | None = None, ipv6: bool = False) -> None:
         pid = os.getpid()
         self.name, self.veth_host, self.veth_ns = f"{prefix}{pid}", f"spr{pid}h", f"spr{pid}n"
         self.prefix = prefix
         self.avoid = list(avoid or [])
         self.host_ip = self.ns_ip = self.network = ""
+        self.ipv6 = ipv6
+        self.host_ip6 = self.ns_ip6 = self.network6 = ""
         self.swept: list = []
         self.removed = False
 
@@ -432,6 +459,12 @@ class ProbeNamespace:
         ip_cmd("-n", self.name, "link", "set", "lo", "up")
         ip_cmd("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns)
         ip_cmd("-n", self.name, "link", "set", self.veth_ns, "up")
+        if self.ipv6:
+            net6 = pick_network(used_networks("ipv6"), pid, "ipv6")
+            self.host_ip6, self.ns_ip6 = str(net6.network_address + 1), str(net6.network_address + 2)
+            self.network6 = str(net6)
+            for ns, dev, addr in (([], self.veth_host, self.host_ip6), (["-n", self.name], self.veth_ns, self.ns_ip6)):
+                ip_cmd(*ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
 
     def exec_args(self) -> list:
         """The command prefix that runs a program inside the namespace."""
@@ -526,7 +559,10 @@ def local_result(admin_port: int, port: int, count: int, timeout: float, avoid: 
 #                    PREROUTING/OUTPUT chain of the earliest table the host already has (raw, else
 #                    mangle, else nat: creating a table would leave it behind), read with
 #                    `xtables-monitor --trace`;
-#   iptables-legacy: TRACE goes to the kernel log; not read here (the result says so).
+#   iptables-legacy: TRACE goes to the kernel log (nf_log; none from a non-initial namespace unless
+#                    nf_log_all_netns=1); not read here (the result says so).
+# IPv6 on iptables-nft: `nft -a monitor trace` runs beside xtables-monitor (1.8.9 exits on IPv6 TCP
+# rules) and its reading is used when xtables-monitor printed no path; the result's `tool` says which.
 TRACE_TABLE = "sidecar_trace_"
 TRACE_CHAIN = "SCTRACE_"
 TRACE_RE = re.compile(r"^(?:sidecar_trace_|SCTRACE_)(\d+)$")
@@ -559,10 +595,12 @@ def _step(family: str, table: str, chain: str, handle: str, rule: str, verdict: 
             "verdict": verdict, "ours": ours, "action": action, "packet": pkt}
 
 
-def parse_nft_trace(text: str, marker_table: str) -> dict:
+def parse_nft_trace(text: str, marker_table: str, marker_chain: str = "") -> dict:
     """`nft [-a] monitor trace` output -> the steps of the packets our marker table marked, in order.
 
-    Steps inside the marker table itself are left out; rule counters are shortened to `counter`."""
+    Steps inside the marker table itself are left out; rule counters are shortened to `counter`.
+    With marker_chain (an iptables-nft trace read by nft), the packets that passed that chain are the
+    marked ones, and the chain's own steps and the jumps to it are left out."""
     events = []
     marked = []
     packets: dict = {}
@@ -571,7 +609,7 @@ def parse_nft_trace(text: str, marker_table: str) -> dict:
         if not m:
             continue
         tid, family, table, chain, rest = m.groups()
-        if table == marker_table:
+        if table == marker_table or (marker_chain and chain == marker_chain):
             if tid not in marked:
                 marked.append(tid)
             continue
@@ -585,6 +623,9 @@ def parse_nft_trace(text: str, marker_table: str) -> dict:
             rule, handle, verdict = rest.split(" ", 1)[0], "", rest.split(" ", 1)[1]
         else:
             continue
+        if marker_chain and verdict.split(" ")[-1] == marker_chain:
+            continue
+        family = {"ip": "ipv4", "ip6": "ipv6"}.get(family, family)  # named as the xtables reader names them
         events.append((tid, _step(family, table, chain, handle, _COUNTER.sub("counter", rule).strip(), verdict, tid)))
     steps = [st for tid, st in events if tid in marked]
     return {"packets": [{"id": t, "packet": packets.get(t, "")} for t in marked], "steps": steps}
@@ -665,8 +706,13 @@ def _iptables_kind(backend: str, family: str) -> tuple:
     else:
         cmd = f"{base}-{backend}"
     if backend == "legacy":
-        return cmd, ("iptables-legacy sends TRACE to the kernel log, which is not read here; "
-                     "no traced path (the verdict above is computed from the rules)")
+        # legacy TRACE has no netlink event: the nf_log backend (/proc/sys/net/netfilter/nf_log/<family>)
+        # writes "TRACE: table:chain:type:rulenum" lines to the kernel log, and only for the initial
+        # network namespace unless net.netfilter.nf_log_all_netns=1 (a machine-wide switch not flipped
+        # here); those lines carry no trace id, so they cannot be told from other traced packets reliably
+        return cmd, ("iptables-legacy sends TRACE to the kernel log (nf_log, only in the initial network namespace "
+                     "unless net.netfilter.nf_log_all_netns=1), which is not read here; no traced path (the "
+                     "verdict above is computed from the rules)")
     if not _which(cmd) or not _which("xtables-monitor"):
         return cmd, f"{cmd} or xtables-monitor is not installed"
     return cmd, ""
@@ -723,6 +769,8 @@ class _Tracer:
         self.xt_table = ""
         self.error = ""
         self.monitor: subprocess.Popen | None = None
+        self.nft_reader: subprocess.Popen | None = None  # IPv6 on iptables-nft: nft reads the trace too
+        self.fallback_text = ""
         self.created: list = []
 
     def start(self, src: str, dst: str, dport: int, sport: int = 0) -> None:
@@ -750,37 +798,53 @@ class _Tracer:
                     raise RuntimeError("{} {}: {}".format(self.cmd, " ".join(step), res.stderr.decode().strip()))
                 self.created.append(step[0])
             mon = ["xtables-monitor", "--trace", "-6" if self.family == "ipv6" else "-4"]
-        # bounded even when this process is killed outright (coreutils timeout ends the monitor)
-        self.monitor = subprocess.Popen(["timeout", str(int(self.timeout) + 15), *mon], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+        self.monitor = self._spawn(mon)
+        if self.backend != "nftables" and self.family == "ipv6" and _which("nft"):
+            # xtables-monitor 1.8.9 exits on IPv6 TCP rules ("Parsing nftables rule failed"); the same
+            # trace events, read by nft, are the fallback (the iptables-nft rules are nftables rules)
+            self.nft_reader = self._spawn(["nft", "-a", "monitor", "trace"])
         time.sleep(0.5)  # the monitor subscribes to the trace events
         if self.monitor.poll() is not None:
             raise RuntimeError("{} exited: {}".format(" ".join(mon), self.monitor.stderr.read().decode().strip()
                                                       if self.monitor.stderr else ""))
 
+    def _spawn(self, cmd: list) -> subprocess.Popen:
+        # bounded even when this process is killed outright (coreutils timeout ends the monitor)
+        return subprocess.Popen(["timeout", str(int(self.timeout) + 15), *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+
+    def _collect(self, proc: subprocess.Popen) -> tuple:
+        """Stop a monitor; (stdout, stderr, whether it had exited on its own before)."""
+        died = proc.poll() is not None  # on its own, before we stop it: it failed
+        self._signal_monitor(signal.SIGTERM, proc)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._signal_monitor(signal.SIGKILL, proc)
+            out, err = proc.communicate(timeout=5)
+        return out, err, died
+
     def finish(self) -> str:
-        """Stop the monitor and return what it printed."""
+        """Stop the monitor(s) and return what the main one printed (the fallback's in fallback_text)."""
         if self.monitor is None:
             return ""
         time.sleep(0.5)  # the last events of the probe
-        died = self.monitor.poll() is not None  # on its own, before we stop it: it failed
-        self._signal_monitor(signal.SIGTERM)
-        try:
-            out, err = self.monitor.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._signal_monitor(signal.SIGKILL)
-            out, err = self.monitor.communicate(timeout=5)
+        out, err, died = self._collect(self.monitor)
+        if self.nft_reader is not None:
+            self.fallback_text = self._collect(self.nft_reader)[0].decode("utf-8", "replace")
+            self.nft_reader = None
         if died:
             # e.g. xtables-monitor 1.8.9 cannot print IPv6 TCP rules: "Parsing nftables rule failed"
             self.error = " ".join(err.decode("utf-8", "replace").split())[:300] or "exited"
         self.monitor = None
         return out.decode("utf-8", "replace")
 
-    def _signal_monitor(self, sig: int) -> None:
-        """The monitor and the `timeout` around it are a process group of their own: signal both."""
-        if self.monitor is not None:
+    def _signal_monitor(self, sig: int, proc: subprocess.Popen | None = None) -> None:
+        """A monitor and the `timeout` around it are a process group of their own: signal both."""
+        proc = proc or self.monitor
+        if proc is not None:
             try:
-                os.killpg(self.monitor.pid, sig)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -788,15 +852,17 @@ class _Tracer:
         """Remove everything temporary; what is left afterwards (empty when all is gone)."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            if self.monitor is not None:
-                self._signal_monitor(signal.SIGTERM)
+            for proc in (self.monitor, self.nft_reader):
+                if proc is None:
+                    continue
+                self._signal_monitor(signal.SIGTERM, proc)
                 try:
-                    self.monitor.wait(timeout=3)
+                    proc.wait(timeout=3)
                 except subprocess.TimeoutExpired:
                     pass
-                self._signal_monitor(signal.SIGKILL)
-                self.monitor.wait(timeout=5)
-                self.monitor = None
+                self._signal_monitor(signal.SIGKILL, proc)
+                proc.wait(timeout=5)
+            self.monitor = self.nft_reader = None
             left = []
             if self.backend == "nftables" and _which("nft"):
                 _run(["nft", "delete", "table", "inet", self.table])
@@ -858,9 +924,6 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
         out["reason"] = "no capture rules on this host (backend {}): nothing to trace".format(backend or "none")
         return out
     if direction == "inbound":
-        if family == "ipv6":
-            out["reason"] = "an IPv6 inbound probe is not implemented (the probe namespace is IPv4 only)"
-            return out
         if addr not in _local_addresses(family) or ipaddress.ip_address(addr).is_loopback:
             out["reason"] = (f"{addr} is not a (non-loopback) address of this host: an inbound probe from a "
                              "namespace would be forwarded, not traced here")
@@ -878,10 +941,12 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
                 if direction == "outbound":
                     out["probe"] = _outbound_probe(family, addr, port, uid, gid, timeout, tracer)
                 else:
-                    with ProbeNamespace(prefix, avoid) as pns:
+                    with ProbeNamespace(prefix, avoid, ipv6=family == "ipv6") as pns:
                         out["netns"] = pns.name
-                        ip_cmd("-n", pns.name, "route", "add", "default", "via", pns.host_ip)
-                        tracer.start(pns.ns_ip, addr, port)
+                        src = pns.ns_ip6 if family == "ipv6" else pns.ns_ip
+                        ip_cmd("-n", pns.name, "-6" if family == "ipv6" else "-4", "route", "add", "default",
+                               "via", pns.host_ip6 if family == "ipv6" else pns.host_ip)
+                        tracer.start(src, addr, port)
                         me = [sys.executable, os.path.abspath(__file__)]
                         res = subprocess.run([*pns.exec_args(), *me, "connect", "--host", addr, "--port", str(port),
                                               "--timeout", str(timeout), "--no-data"],
@@ -892,7 +957,7 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
                         except ValueError:
                             r = {"ok": False, "error": res.stderr.decode("utf-8", "replace")[-300:]}
                         out["probe"] = {"ok": r.get("ok", False), "error": r.get("error", ""), "ms": r.get("ms"),
-                                        "source": pns.ns_ip}
+                                        "source": src}
                         text = tracer.finish()
                     out["netns_removed"] = pns.removed
                 text = text or tracer.finish()
@@ -901,9 +966,16 @@ def trace_result(destination: str, direction: str, backend: str, uid: int | None
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError, _Stop) as exc:
         out["problems"].append(f"trace: {exc}")
         text = ""
-    if tracer.error:
-        out["problems"].append(f"{tracer.tool} stopped before the end of the trace: {tracer.error}")
+    stopped = f"{tracer.tool} stopped before the end of the trace: {tracer.error}" if tracer.error else ""
     parsed = parse_nft_trace(text, tracer.table) if backend == "nftables" else parse_xtables_trace(text, tracer.chain)
+    if (tracer.error or not parsed["steps"]) and tracer.fallback_text:  # xtables-monitor died or saw nothing
+        fallback = parse_nft_trace(tracer.fallback_text, "", tracer.chain)
+        if fallback["steps"]:
+            parsed, stopped = fallback, ""
+            out["tool"] = "nft monitor trace (fallback: xtables-monitor printed no path; rules shown as nft rules)"
+            out["notes"] = [f"{tracer.tool} printed no path ({tracer.error or 'no events'}): read with nft instead"]
+    if stopped:
+        out["problems"].append(stopped)
     out.update(parsed)
     out["available"] = bool(out["steps"])
     if not out["steps"] and not out["reason"]:

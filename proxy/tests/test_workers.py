@@ -198,6 +198,28 @@ def test_two_workers_take_both_listeners_and_the_figures_are_their_sums(topo: To
     assert sorted(e["direction"] for e in proxy.access_log()) == ["inbound"] * 6 + ["outbound"] * 6
 
 
+def test_a_read_counts_every_connection_that_ended_before_it(topo: Topo, start_proxy: Any,
+                                                              serve: Any) -> None:
+    # A worker publishes its figures in batches; a /stats or /metrics read must still count a connection
+    # whose access-log line is already written (the rollout probe checks both one after the other).
+    topo.capture(topo.cns, sidecar_proxy_uid=PROXY_UID)
+    proxy = start_proxy(topo.cns, {"workers": 2}, as_uid=PROXY_UID)
+    serve(topo.sns, socket.AF_INET, 7070)
+    workers = wait_workers(proxy)
+    keep = min(workers)
+    made = 0
+    with only(workers, keep):
+        for _round in range(5):
+            time.sleep(0.3)  # the worker goes idle
+            for _ in range(2):  # two quick connections: the second ends right after a publication
+                with connect(topo.cns, socket.AF_INET, (topo.s4, 7070)) as s:
+                    assert roundtrip(s, b"x") == b"x"
+                made += 1
+            proxy.wait_until(lambda n=made: len(proxy.access_log()) == n)
+            assert proxy.stats()["connections_total"]["outbound"] == made
+            assert f'sidecar_proxy_connections_total{{direction="outbound"}} {made}' in proxy.metrics()
+
+
 def test_reload_replaces_all_workers_and_a_bad_file_keeps_them(topo: Topo, start_proxy: Any, serve: Any,
                                                                tmp_path: Path) -> None:
     topo.redirect_inbound()

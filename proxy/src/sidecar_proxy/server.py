@@ -33,7 +33,9 @@ log = logging.getLogger("sidecar_proxy")
 
 # signals a supervisor blocks around fork(); its worker unblocks them once its own handlers are set
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-PUBLISH_EVERY = 0.05  # seconds between a worker's publications of its figures (workers.py)
+PUBLISH_EVERY = 0.05  # a worker publishes its figures (workers.py) at most this often after a change,
+PUBLISH_IDLE = 0.25  # and this often when nothing changed (its supervisor waits for a publication newer
+# than a /stats or /metrics request, so that the answer counts every connection that ended before it)
 
 
 class Server(Listeners, Admin):
@@ -304,10 +306,16 @@ class Server(Listeners, Admin):
         on_sock_event = self.on_sock_event
         waiters = self.waiters
         publish = self.publish
-        next_publish = 0.0
+        next_publish = published = 0.0
+        pending = False  # (a worker) figures changed since its last publication
         while True:
-            events = poll(0.25 if not self.draining else 0.05, 1024)
+            timeout = 0.25 if not self.draining else 0.05
+            if pending:
+                timeout = min(timeout, max(0.0, next_publish - self.now))
+            events = poll(timeout, 1024)
             self.now = now = time.monotonic()
+            if events:
+                pending = True
             for fd, ev in events:
                 hit = conns.get(fd)
                 if hit is not None:
@@ -323,12 +331,13 @@ class Server(Listeners, Admin):
             if self.signals:
                 sigs, self.signals = self.signals, []
                 self.handle_signals(sigs)
-            if publish is not None and now >= next_publish:
-                next_publish = now + PUBLISH_EVERY
+            if publish is not None and now >= next_publish and (pending or now - published >= PUBLISH_IDLE):
+                next_publish, published, pending = now + PUBLISH_EVERY, now, False
                 publish()
             if now >= next_sweep:
                 next_sweep = now + 0.25
                 self.sweep()
+                pending = True  # (timeouts may have closed connections)
                 if self.log_lines:
                     self.flush_access_log()
             if self.finished():

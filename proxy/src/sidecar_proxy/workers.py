@@ -9,8 +9,10 @@ and reloads on SIGHUP by validating and applying the new file itself, then repla
 ones take the (new) listeners, the old ones drain their connections, so no connection in flight is cut.
 
 Figures: each worker publishes Metrics.snapshot() as JSON into its slot of a shared memory board (an
-anonymous shared mmap made before fork) every PUBLISH_EVERY seconds; the supervisor sums the slots, plus
-the final figures of the workers that have exited, so counters never go back.
+anonymous shared mmap made before fork), at most every PUBLISH_EVERY seconds after a change and every
+PUBLISH_IDLE seconds otherwise; the supervisor sums the slots, plus the final figures of the workers that
+have exited, so counters never go back. A read waits for a publication newer than itself from every worker,
+so it counts every connection that ended before it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .activation import Inherited
 from .config import MIN_BUFFER_BUDGET, Config, ConfigError, build
 from .listeners import listener_specs
 from .metrics import Metrics
-from .server import WORKER_SIGNALS, Server
+from .server import PUBLISH_IDLE, WORKER_SIGNALS, Server
 
 log = logging.getLogger("sidecar_proxy")
 
@@ -40,6 +42,7 @@ SLOT = 16384  # bytes per worker slot: a header (sequence, length) and the JSON 
 HEAD = struct.Struct("<QI")
 BACKOFF_MAX = 5.0  # seconds before re-forking a worker that keeps dying
 STABLE = 10.0  # a worker that ran this long resets its back-off
+FRESH_WAIT = PUBLISH_IDLE + 0.1  # the longest a /stats or /metrics read waits for the workers' figures
 
 
 # ---------------------------------------------------------------------------- how many
@@ -214,8 +217,9 @@ class Supervisor(Server):
         board, pid = self.board, os.getpid()
 
         def publish() -> None:
+            at = time.monotonic()  # (taken first: the snapshot holds everything counted before it)
             snap = worker.current_metrics().snapshot()
-            snap.update(pid=pid, ready=worker.ready and not worker.draining, draining=worker.draining)
+            snap.update(pid=pid, ready=worker.ready and not worker.draining, draining=worker.draining, at=at)
             board.write(slot, snap)
 
         worker.publish = publish
@@ -341,7 +345,18 @@ class Supervisor(Server):
         current = [(w, snap) for w, snap in self.live() if w.position >= 0]
         return len(current) == self.count and all(snap and snap.get("ready") for _w, snap in current)
 
+    def wait_fresh(self) -> None:
+        """Wait until every worker has published after now (bounded: a stopped worker costs FRESH_WAIT)."""
+        asked = time.monotonic()
+        deadline = asked + FRESH_WAIT
+        while True:
+            stale = [w for w, snap in self.live() if snap is None or snap.get("at", 0.0) < asked]
+            if not stale or time.monotonic() >= deadline:
+                return
+            time.sleep(0.002)
+
     def current_metrics(self) -> Metrics:
+        self.wait_fresh()
         total = Metrics()
         total.absorb(self.retired.snapshot(), gauges=False)
         for _w, snap in self.live():

@@ -31,7 +31,9 @@ _spec.loader.exec_module(netns)
 sh = netns.sh
 
 PYTHON = "/usr/bin/python3"  # UID 1337 must be able to run it (the test's own may live under /root)
-PREFIX = "sh-probe-"  # the temporary namespaces `local` makes here (namespace names are machine-wide)
+# namespace names are machine-wide: SIDECAR_TEST_NETNS (default sh-) lets parallel runs use their own
+NS = os.environ.get("SIDECAR_TEST_NETNS", "sh-")
+PREFIX = NS + "probe-"  # the temporary namespaces `local` makes here
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-nft") or not os.path.exists(PYTHON)
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def host(tmp_path):
     """A namespace standing in for the target host; yields (name, procs, workdir)."""
-    name = "sh-" + uuid.uuid4().hex[:8]
+    name = NS + uuid.uuid4().hex[:8]
     work = Path(sh("mktemp", "-d", "/tmp/sh-probe-XXXXXX").stdout.strip())
     os.chmod(work, 0o777)
     sh("ip", "netns", "add", name)
@@ -70,9 +72,9 @@ def remove_host(namespaces, procs, work, prefix):
             sh("ip", "netns", "del", line.split()[0], check=False)
 
 
-def start_proxy(name, mode, work):
+def start_proxy(name, mode, work, ipv6=False):
     cfg = {"mode": mode, "inbound_port": 15006, "outbound_port": 15001, "admin_port": 15000,
-           "access_log": str(work / "access.log")}
+           "access_log": str(work / "access.log"), "ipv6": ipv6}
     (work / "proxy.json").write_text(json.dumps(cfg))
     os.chmod(work / "proxy.json", 0o644)
     cmd = ["ip", "netns", "exec", name, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups",

@@ -280,6 +280,56 @@ def test_nft_trace_parser_keeps_only_our_marked_packet_and_shortens_counters():
     assert "packets" not in got["steps"][2]["rule"]
 
 
+# an iptables-nft IPv6 inbound trace read by `nft -a monitor trace` (xtables-monitor 1.8.9 had exited:
+# "Parsing nftables rule failed"), recorded on Debian 12; plus a packet that is not ours
+_T6 = "trace id 960f0c5d ip6 nat "
+RECORDED_NFT_FROM_IPTABLES = "\n".join([
+    _T6 + 'SCTRACE_27828 packet: iif "spr27828h" ether saddr 5a:ea:77:8f:30:bc ether daddr 72:91:2d:b5:52:9f '
+    "ip6 saddr fd5c:9e0b:7a41:861c::2 ip6 daddr fd00:251::1 ip6 dscp cs0 ip6 ecn not-ect ip6 hoplimit 64 "
+    "ip6 flowlabel 639694 ip6 length 40 tcp sport 37074 tcp dport 15080 tcp flags == syn tcp window 64800 ",
+    _T6 + "SCTRACE_27828 rule ip6 saddr fd5c:9e0b:7a41:861c::2 ip6 daddr fd00:251::1 tcp flags syn / syn,ack "
+    "tcp dport 15080 counter packets 0 bytes 0 meta nftrace set 1 # handle 25 (verdict continue)",
+    _T6 + "PREROUTING rule meta l4proto tcp fib daddr type local counter packets 0 bytes 0 jump SIDECAR_INBOUND "
+    "# handle 21 (verdict jump SIDECAR_INBOUND)",
+    "trace id 11111111 ip6 nat PREROUTING rule meta l4proto tcp counter packets 0 bytes 0 jump SIDECAR_INBOUND "
+    "# handle 21 (verdict jump SIDECAR_INBOUND)",
+    _T6 + "SIDECAR_INBOUND rule meta l4proto tcp counter packets 0 bytes 0 jump SIDECAR_IN_REDIRECT "
+    "# handle 7 (verdict jump SIDECAR_IN_REDIRECT)",
+    _T6 + "SIDECAR_IN_REDIRECT rule meta l4proto tcp counter packets 0 bytes 0 redirect to :15006 "
+    "# handle 10 (verdict accept)",
+]) + "\n"
+
+
+def test_nft_trace_parser_reads_an_iptables_nft_trace_marked_by_our_chain():
+    got = probe.parse_nft_trace(RECORDED_NFT_FROM_IPTABLES, "", "SCTRACE_27828")
+    assert [p["id"] for p in got["packets"]] == ["960f0c5d"]
+    steps = [(s["family"], s["table"], s["chain"], s["handle"], s["verdict"], s["ours"], s["action"])
+             for s in got["steps"]]
+    assert steps == [
+        ("ipv6", "nat", "PREROUTING", "21", "jump SIDECAR_INBOUND", True, ""),
+        ("ipv6", "nat", "SIDECAR_INBOUND", "7", "jump SIDECAR_IN_REDIRECT", True, ""),
+        ("ipv6", "nat", "SIDECAR_IN_REDIRECT", "10", "accept", True, "REDIRECT"),
+    ]
+    assert got["steps"][-1]["rule"] == "meta l4proto tcp counter redirect to :15006"
+    # another run's chain marks nothing
+    assert probe.parse_nft_trace(RECORDED_NFT_FROM_IPTABLES, "", "SCTRACE_1")["steps"] == []
+
+
+def test_pick_network6_is_a_unique_local_64_and_avoids_what_is_used():
+    import ipaddress
+    base = probe.CANDIDATES6
+    assert base.subnet_of(ipaddress.ip_network("fd00::/8")) and base.prefixlen == 48
+    used = [ipaddress.ip_network("fd5c:9e0b:7a41::/49"), ipaddress.ip_network("10.0.0.0/8")]
+    seen = set()
+    for seed in range(200):
+        net = probe.pick_network(used, seed, "ipv6")
+        assert net.prefixlen == 64 and net.subnet_of(base) and not net.overlaps(used[0]), (seed, net)
+        seen.add(net)
+    assert len(seen) > 50  # different runs (PIDs) start at different places (half the seeds land in `used`)
+    with pytest.raises(RuntimeError, match="no free unique-local /64"):
+        probe.pick_network([base], 1, "ipv6")
+
+
 def test_trace_parsers_without_our_marker_find_nothing():
     assert probe.parse_nft_trace(RECORDED_NFT, "sidecar_trace_1")["steps"] == []
     assert probe.parse_xtables_trace(RECORDED_XTABLES, "SCTRACE_1")["steps"] == []
