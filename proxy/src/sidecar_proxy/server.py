@@ -314,7 +314,9 @@ class Server(Listeners, Admin):
                 timeout = min(timeout, max(0.0, next_publish - self.now))
             events = poll(timeout, 1024)
             self.now = now = time.monotonic()
-            if events:
+            # only a worker publishes (a single process or the supervisor would otherwise poll with a
+            # zero timeout forever after its first event: a busy loop)
+            if events and publish is not None:
                 pending = True
             for fd, ev in events:
                 hit = conns.get(fd)
@@ -337,7 +339,7 @@ class Server(Listeners, Admin):
             if now >= next_sweep:
                 next_sweep = now + 0.25
                 self.sweep()
-                pending = True  # (timeouts may have closed connections)
+                pending = publish is not None  # (timeouts may have closed connections)
                 if self.log_lines:
                     self.flush_access_log()
             if self.finished():
