@@ -22,6 +22,7 @@ import argparse
 import os
 import pstats
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,6 +77,7 @@ def cpu_rounds(args: argparse.Namespace) -> int:
                         rows.setdefault(spec[0] + suffix, []).append(1000 * used / args.connections)
     finally:
         run.teardown()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"proxy CPU seconds per 1,000 connections ({args.connections} one after the other per round, "
           f"median of {args.cpu} rounds):")
     for name, xs in rows.items():
@@ -150,6 +152,7 @@ def main() -> int:
             tracer.kill()
         c.stop()
         run.teardown()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
