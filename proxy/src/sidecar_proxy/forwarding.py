@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import errno
 import fcntl
-import json
 import logging
 import os
 import select
@@ -23,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import netutil
-from .accesslog import AccessLog
+from .accesslog import LOG_DELAY, AccessLog, entry_line
 from .config import Config
 from .metrics import Metrics
 
@@ -209,6 +207,7 @@ class Forwarding:
     pump_impl: Callable[[Flow], None]
     access: AccessLog | None
     log_lines: list[str]
+    log_due: float  # when the waiting lines go to the writer at the latest (Server.run)
     pt_v4: str | None
     pt_v6: str | None
 
@@ -496,17 +495,12 @@ class Forwarding:
                      bytes_out: int, duration_ms: float, reason: str, t0: float | None = None) -> None:
         if self.access is None:
             return
-        start = datetime.datetime.fromtimestamp(t0 if t0 is not None else time.time(), datetime.timezone.utc)
-        self.log_lines.append(json.dumps({
-            "start_time": start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "direction": direction,
-            "src": netutil.fmt(src),
-            "dst": netutil.fmt(dst) if dst is not None else None,
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
-            "duration_ms": round(duration_ms, 3),
-            "reason": reason,
-        }, separators=(",", ":")))
+        lines = self.log_lines
+        if not lines:  # the first line of a batch: hand it to the writer LOG_DELAY from now at the latest
+            self.log_due = self.now + LOG_DELAY
+        lines.append(entry_line(t0 if t0 is not None else time.time(), direction, netutil.fmt(src),
+                                netutil.fmt(dst) if dst is not None else None, bytes_in, bytes_out,
+                                duration_ms, reason))
 
     def flush_access_log(self) -> None:
         if not self.log_lines:

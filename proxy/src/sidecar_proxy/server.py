@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__, netutil
-from .accesslog import AccessLog
+from .accesslog import LOG_BATCH, AccessLog
 from .activation import ActivationError, Inherited
 from .admin import Admin, AdminConn
 from .config import Config, ConfigError, build
@@ -71,6 +71,7 @@ class Server(Listeners, Admin):
         self.stopping = False
         self.signals: list[int] = []  # signal numbers, appended by the handler
         self.log_lines: list[str] = []
+        self.log_due = 0.0
         self.access: AccessLog | None = None
         self.own_ports: set[int] = set()
         self.pt_v4: str | None = None
@@ -312,9 +313,13 @@ class Server(Listeners, Admin):
             timeout = 0.25 if not self.draining else 0.05
             if pending:
                 timeout = min(timeout, max(0.0, next_publish - self.now))
+            if self.log_lines:
+                timeout = min(timeout, max(0.0, self.log_due - self.now))
             events = poll(timeout, 1024)
             self.now = now = time.monotonic()
-            if events:
+            # only a worker publishes (a single process or the supervisor would otherwise poll with a
+            # zero timeout forever after its first event: a busy loop)
+            if events and publish is not None:
                 pending = True
             for fd, ev in events:
                 hit = conns.get(fd)
@@ -326,7 +331,9 @@ class Server(Listeners, Admin):
                         h(ev)
             if waiters:
                 self.wake_waiters()
-            if self.log_lines:
+            # access-log lines go to the writer thread in batches (accesslog.LOG_BATCH / LOG_DELAY)
+            log_lines = self.log_lines
+            if log_lines and (len(log_lines) >= LOG_BATCH or now >= self.log_due):
                 self.flush_access_log()
             if self.signals:
                 sigs, self.signals = self.signals, []
@@ -337,9 +344,7 @@ class Server(Listeners, Admin):
             if now >= next_sweep:
                 next_sweep = now + 0.25
                 self.sweep()
-                pending = True  # (timeouts may have closed connections)
-                if self.log_lines:
-                    self.flush_access_log()
+                pending = publish is not None  # (timeouts may have closed connections)
             if self.finished():
                 break
         if self.active:
