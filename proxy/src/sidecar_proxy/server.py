@@ -170,20 +170,29 @@ class Server(Listeners, Admin):
         return AccessLog(path, limit, whole_lines=bool(self.parent)) if path else None
 
     def reload(self) -> None:
+        if self.load_new_config():
+            log.info("configuration reloaded (%d active connections kept)", self.active)
+
+    def load_new_config(self) -> bool:
+        """Validate and apply the file (a bad one changes nothing, and says why); False if refused."""
         if self.draining:
             log.warning("reload ignored while draining")
-            return
+            return False
         try:
             cfg = build(self.config_path, self.overrides)
+            self.check_reload(cfg)
             self.apply(cfg, initial=False)
         except (ConfigError, OSError) as exc:
             self.reload_failed(str(exc))
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - no file may stop the proxy: keep running, say why
             self.reload_failed(f"{type(exc).__name__}: {exc}"[:500])
-            return
+            return False
         self.metrics.reloads += 1
-        log.info("configuration reloaded (%d active connections kept)", self.active)
+        return True
+
+    def check_reload(self, cfg: Config) -> None:
+        """Raise ConfigError for what the running process cannot take on a reload (workers.py)."""
 
     def reload_failed(self, why: str) -> None:
         self.metrics.reload_failures += 1

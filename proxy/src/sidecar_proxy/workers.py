@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from .activation import Inherited
-from .config import MIN_BUFFER_BUDGET, Config, ConfigError, build
+from .config import MIN_BUFFER_BUDGET, Config, ConfigError
 from .listeners import listener_specs
 from .metrics import Metrics
 from .server import PUBLISH_IDLE, WORKER_SIGNALS, Server
@@ -269,20 +269,8 @@ class Supervisor(Server):
 
     def reload(self) -> None:
         """Validate and apply the file here (a bad one changes nothing), then replace the workers."""
-        if self.draining:
-            log.warning("reload ignored while draining")
+        if not self.load_new_config():
             return
-        try:
-            cfg = build(self.config_path, self.overrides)
-            self.check_reload(cfg)
-            self.apply(cfg, initial=False)
-        except (ConfigError, OSError) as exc:
-            self.reload_failed(str(exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - no file may stop the proxy: keep running, say why
-            self.reload_failed(f"{type(exc).__name__}: {exc}"[:500])
-            return
-        self.metrics.reloads += 1
         old = [w for w in self.workers.values() if w.position >= 0]
         for w in old:
             w.position = -1
