@@ -159,7 +159,7 @@ def unit_states(module, names):
         return {}
     systemctl = module.get_bin_path('systemctl', required=True)
     rc, out, err = module.run_command([systemctl, 'show', '--property=Id,ActiveState', '--'] + names,
-                                     environ_update={'LC_ALL': 'C'})
+                                      environ_update={'LC_ALL': 'C'})
     if rc != 0:
         module.fail_json(msg='systemctl show failed: %s' % (err.strip() or out.strip()), rc=rc)
     states, current = {}, {}
@@ -169,7 +169,7 @@ def unit_states(module, names):
                 states[current['Id']] = current.get('ActiveState', 'unknown')
             current = {}
             continue
-        key, _, value = line.partition('=')
+        key, value = line.split('=', 1) if '=' in line else (line, '')
         current[key] = value
     # systemctl show prints the blocks in the order asked; an alias would report its own Id
     return dict((name, states.get(name, 'unknown')) for name in names)

@@ -122,10 +122,10 @@ def test_query_names_every_difference(monkeypatch, host):
 
 
 def test_query_without_or_with_a_foreign_record(monkeypatch, host):
-    result, _ = run(monkeypatch, args(host))
+    result, _failed = run(monkeypatch, args(host))
     assert not result['in_sync'] and result['reasons'] == ['no record of a verified rollout at %s' % args(host)['path']]
     (host / 'state' / 'rollout.json').write_text('[1, 2]')
-    result, _ = run(monkeypatch, args(host))
+    result, _failed = run(monkeypatch, args(host))
     assert not result['in_sync'] and 'not one this collection wrote' in result['reasons'][0]
 
 
@@ -156,10 +156,10 @@ def ready_server():
 def test_query_asks_the_proxy_whether_it_is_ready(monkeypatch, host, ready_server):
     record(monkeypatch, host)
     url = 'http://127.0.0.1:%d/ready' % ready_server.server_address[1]
-    result, _ = run(monkeypatch, args(host, ready_url=url), [systemctl({u: 'active' for u in UNITS})])
+    result, _failed = run(monkeypatch, args(host, ready_url=url), [systemctl({u: 'active' for u in UNITS})])
     assert result['in_sync'], result
     monkeypatch.setattr(_Ready, 'status', 503)
-    result, _ = run(monkeypatch, args(host, ready_url=url), [systemctl({u: 'active' for u in UNITS})])
+    result, _failed = run(monkeypatch, args(host, ready_url=url), [systemctl({u: 'active' for u in UNITS})])
     assert not result['in_sync'] and result['reasons'] == ['proxy not ready (GET %s: 503)' % url]
 
 
