@@ -27,7 +27,7 @@ ssh_hosts_authorize() {  # ssh_hosts_authorize PUBKEY HOST...: all hosts at once
   for h in "$@"; do
     podman exec -i -e "U=$SSH_HOSTS_USER" "$h" sh -c '
       set -e
-      systemctl is-system-running --wait >/dev/null 2>&1 || true
+      timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true  # bounded: a boot can hang
       id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
       install -d -m 0700 -o "$U" -g "$U" "/home/$U/.ssh"
       cat >"/home/$U/.ssh/authorized_keys"

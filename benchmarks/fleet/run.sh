@@ -41,8 +41,17 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+inotify_in_use() {  # inotify instances open now (all users: rootful Podman hosts all count as root's)
+  { find /proc/[0-9]*/fd -lname 'anon_inode:inotify' 2>/dev/null || true; } | wc -l  # (processes come and go)
+}
+
 start_hosts() {
-  local n="$1" i
+  local n="$1" i state limit need
+  # each systemd host takes about 6 inotify instances; past fs.inotify.max_user_instances its systemd
+  # never finishes booting ("Failed to create inotify object: Too many open files")
+  limit="$(cat /proc/sys/fs/inotify/max_user_instances)"
+  need=$(( $(inotify_in_use) + 8 * n ))
+  [ "$need" -le "$limit" ] || die "$n hosts need about $need inotify instances, fs.inotify.max_user_instances is $limit: raise it first (sysctl -w fs.inotify.max_user_instances=$(( need * 2 )))"
   podman network exists "$NET" || podman network create --subnet "$SUBNET" --label sidecar.fbench=1 "$NET" >/dev/null
   for i in $(seq 1 "$n"); do
     podman run -d --name "fbench-$i" --hostname "fbench-$i" --network "$NET" --label sidecar.fbench=1 \
@@ -50,12 +59,17 @@ start_hosts() {
       "$IMAGE" /sbin/init >/dev/null
   done
   for i in $(seq 1 "$n"); do
-    for _ in $(seq 1 60); do
-      case "$(podman exec "fbench-$i" systemctl is-system-running 2>/dev/null || true)" in
+    for _ in $(seq 1 120); do
+      state="$(podman exec "fbench-$i" systemctl is-system-running 2>/dev/null || true)"
+      case "$state" in
         running|degraded) break ;;
       esac
       sleep 0.5
     done
+    case "$state" in
+      running|degraded) ;;
+      *) die "fbench-$i did not finish booting in 60 s (systemctl is-system-running: ${state:-no answer})" ;;
+    esac
   done
   if [ "$CONNECTION" = ssh ]; then
     # shellcheck disable=SC2046  # a word list by design
