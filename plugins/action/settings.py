@@ -25,7 +25,8 @@ from ansible_collections.sidecar.intercept.plugins.module_utils.settings import 
     validate,
 )
 
-_ARGS = frozenset(("gather", "require_backend"))
+_ARGS = frozenset(("gather", "require_backend", "rollout"))
+_ROLLOUT_ARGS = frozenset(("path", "files"))
 
 
 class ActionModule(ActionBase):
@@ -33,6 +34,23 @@ class ActionModule(ActionBase):
     _requires_connection = False
     _supports_check_mode = True
     _supports_async = False
+
+    @staticmethod
+    def _rollout_problem(rollout, gather):
+        """What is wrong with the rollout argument (None when it is good); the module checks the values."""
+        if not isinstance(rollout, dict):
+            return "rollout must be a dict with path and files, got %r" % (rollout,)
+        unknown = sorted(set(rollout) - _ROLLOUT_ARGS)
+        if unknown:
+            return "unsupported parameters in rollout: %s" % ", ".join(unknown)
+        if not rollout.get("path"):
+            return "rollout needs a path (the record of the verified rollout)"
+        files = rollout.get("files") or []
+        if not isinstance(files, list):
+            return "rollout.files must be a list of glob patterns, got %r" % (files,)
+        if not gather:
+            return "rollout needs gather=true (the host is compared in the same call)"
+        return None
 
     def _raw_settings(self, task_vars):
         raw = {}
@@ -78,6 +96,11 @@ class ActionModule(ActionBase):
         if unknown:
             return dict(result, failed=True, msg="unsupported parameters: %s" % ", ".join(unknown))
         gather = args.get("gather", True)
+        rollout = args.get("rollout")
+        if rollout is not None:
+            problem = self._rollout_problem(rollout, gather)
+            if problem:
+                return dict(result, failed=True, msg=problem)
         raw = self._raw_settings(task_vars)
 
         settings, errors, warnings = validate(raw)
@@ -89,7 +112,7 @@ class ActionModule(ActionBase):
         key = self._cache_key(raw, management, gather)
         cached = (task_vars.get("ansible_facts") or {})
         record = (cached.get("sidecar_capture") or {}).get("resolved_from") or {}
-        if (key and record.get("key") == key and (record.get("require_backend") or not require)
+        if (key and not rollout and record.get("key") == key and (record.get("require_backend") or not require)
                 and "sidecar_settings" in cached):
             result.update(changed=False, cached=True, settings=cached["sidecar_settings"],
                           ansible_facts={"sidecar_settings": cached["sidecar_settings"],
@@ -98,12 +121,14 @@ class ActionModule(ActionBase):
         facts = {}
         host = None
         if gather:
-            cap = self._execute_module(
-                module_name="sidecar.intercept.capture_facts",
-                module_args=dict(backend=settings["capture_backend"], table=settings["tproxy_table"],
-                                 require_backend=require, proxy_uid=settings["proxy_uid"],
-                                 proxy_gid=settings["proxy_gid"]),
-                task_vars=task_vars)
+            module_args = dict(backend=settings["capture_backend"], table=settings["tproxy_table"],
+                               require_backend=require, proxy_uid=settings["proxy_uid"],
+                               proxy_gid=settings["proxy_gid"])
+            if rollout:
+                module_args["rollout"] = dict(path=rollout["path"], files=list(rollout.get("files") or []),
+                                              ready_url="http://127.0.0.1:%d/ready" % settings["admin_port"])
+            cap = self._execute_module(module_name="sidecar.intercept.capture_facts", module_args=module_args,
+                                       task_vars=task_vars)
             if cap.get("failed"):
                 return dict(result, failed=True, msg=cap.get("msg", "capture_facts failed"), module_result=cap)
             facts["sidecar_capture"] = cap["ansible_facts"]["sidecar_capture"]
@@ -120,6 +145,8 @@ class ActionModule(ActionBase):
                         % (task_vars.get("inventory_hostname", "this host"), "; ".join(errors)))
         facts["sidecar_settings"] = resolved
         result.update(changed=False, ansible_facts=facts, settings=resolved)
+        if rollout:
+            result["rollout"] = cap["rollout"]
         if warnings:
             result["warnings"] = warnings
         return result

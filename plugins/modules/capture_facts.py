@@ -54,6 +54,30 @@ options:
     elements: str
     choices: [ipv4, ipv6]
     default: [ipv4, ipv6]
+  rollout:
+    description:
+      - Also compare the host with its last verified rollout, as M(sidecar.intercept.rollout_state) with
+        O(sidecar.intercept.rollout_state#module:state=query) does, in the same module run (read-only).
+        The record's digest is returned, not compared (RV(rollout.digest)).
+      - C(sidecar.intercept.site) reads an unchanged host with this one call.
+    type: dict
+    suboptions:
+      path:
+        description: The record M(sidecar.intercept.rollout_state) wrote.
+        type: path
+        required: true
+      files:
+        description: Glob patterns of the files the rollout owns, as recorded.
+        type: list
+        elements: str
+        default: []
+      ready_url:
+        description: An HTTP URL on a loopback address that must answer 200, asked only when nothing else differs.
+        type: str
+      timeout:
+        description: Seconds to wait for O(rollout.ready_url).
+        type: float
+        default: 3
 attributes:
   check_mode:
     support: full
@@ -80,6 +104,19 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+rollout:
+  description: With O(rollout) - the comparison with the last verified rollout.
+  returned: when O(rollout) is given
+  type: dict
+  contains:
+    digest:
+      description: The digest of the recorded rollout (null when there is no record).
+      type: str
+    reasons:
+      description: Every difference found except the digest, one line each (empty when none).
+      type: list
+      elements: str
+  sample: {digest: 3f5a..., reasons: ["/etc/sidecar-proxy/config.json changed"]}
 ansible_facts:
   description: Facts under the key C(sidecar_capture).
   returned: always
@@ -150,6 +187,7 @@ from ansible_collections.sidecar.intercept.plugins.module_utils.iptables import 
     plan,
 )
 from ansible_collections.sidecar.intercept.plugins.module_utils.command import run
+from ansible_collections.sidecar.intercept.plugins.module_utils.rollout import problems, query
 from ansible_collections.sidecar.intercept.plugins.module_utils.iptables_backend import (
     detect_backend,
     save,
@@ -341,10 +379,21 @@ def main():
             config_dir=dict(type="path", default="/etc/sidecar-intercept"),
             proxy_uid=dict(type="int"),
             proxy_gid=dict(type="int"),
+            rollout=dict(type="dict", options=dict(
+                path=dict(type="path", required=True),
+                files=dict(type="list", elements="str", default=[]),
+                ready_url=dict(type="str"),
+                timeout=dict(type="float", default=3.0),
+            )),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    rollout = p["rollout"]
+    if rollout:
+        found = problems(rollout["path"], rollout["files"], rollout["ready_url"], rollout["timeout"])
+        if found:
+            module.fail_json(msg="rollout: " + "; ".join(found))
     backend = detect_backend(module, p["backend"], required=p["require_backend"])
     host = _host_facts(module)
     host["accounts"] = _accounts(p["proxy_uid"], p["proxy_gid"])
@@ -380,7 +429,11 @@ def main():
         listing = out if rc == 0 else None
         facts["nftables"] = dict(table_facts(out), present=True) if rc == 0 else {"present": False, "chains": {}, "sets": {}}
     facts["deployment"] = _deployment(module, p["config_dir"], listing)
-    module.exit_json(changed=False, ansible_facts={"sidecar_capture": facts})
+    result = {"changed": False, "ansible_facts": {"sidecar_capture": facts}}
+    if rollout:
+        reasons, record = query(module, rollout["path"], rollout["files"], rollout["ready_url"], rollout["timeout"])
+        result["rollout"] = {"digest": record.get("digest"), "reasons": reasons}
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ options:
         captures nothing).
     type: bool
     default: true
+  rollout:
+    description:
+      - Also compare the host with its last verified rollout in the same call to the host (capture_facts'
+        O(sidecar.intercept.capture_facts#module:rollout)); the proxy's readiness is asked at the resolved
+        C(admin_port). Returns RV(rollout). The facts of an earlier call are not reused.
+      - C(sidecar.intercept.site) reads an unchanged host with this one call.
+    type: dict
+    suboptions:
+      path:
+        description: The record M(sidecar.intercept.rollout_state) wrote.
+        type: path
+        required: true
+      files:
+        description: Glob patterns of the files the rollout owns.
+        type: list
+        elements: str
+        default: []
 attributes:
   action:
     support: full
@@ -75,6 +92,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+rollout:
+  description:
+    - With O(rollout) - the digest of the recorded rollout (null without a record) and every other
+      difference from it, as capture_facts returns them.
+  returned: when O(rollout) is given and the settings are valid
+  type: dict
+  sample: {digest: 3f5a..., reasons: ["sidecar-proxy.service is failed (was active)"]}
 cached:
   description: The facts were resolved earlier in this play from the same settings and were reused.
   returned: when reused

@@ -111,3 +111,33 @@ def test_a_filtering_firewall_fails_the_capture_in_redirect_mode_not_the_proxy_r
     result = lax.run(task_vars={"inventory_hostname": "vm1", "sidecar_proxy_uid": 65534})
     assert not result.get("failed"), result
     assert result["warnings"] == [w for w in result["warnings"] if "belongs to user 'nobody'" in w] != []
+
+
+def test_rollout_compares_the_host_in_the_same_call_at_the_resolved_admin_port():
+    act = action(args={"rollout": {"path": "/etc/sidecar-intercept/rollout.json", "files": ["/etc/sidecar-proxy/**"]}})
+    act._task.get_play.return_value = _play("play-1")
+    compared = {"digest": "d1", "reasons": ["sidecar-proxy.service is failed (was active)"]}
+    act._execute_module.return_value = {"ansible_facts": {"sidecar_capture": CAPTURE}, "rollout": compared}
+    first = act.run(task_vars={"sidecar_admin_port": "15100"})
+    assert not first.get("failed"), first
+    assert first["rollout"] == compared
+    (call,) = act._execute_module.call_args_list
+    assert call.kwargs["module_args"]["rollout"] == {"path": "/etc/sidecar-intercept/rollout.json",
+                                                     "files": ["/etc/sidecar-proxy/**"],
+                                                     "ready_url": "http://127.0.0.1:15100/ready"}
+    # facts of an earlier call in the play are not reused: the comparison needs the host
+    again = act.run(task_vars={"sidecar_admin_port": "15100", "ansible_facts": first["ansible_facts"]})
+    assert not again.get("cached") and again["rollout"] == compared and act._execute_module.call_count == 2
+
+
+@pytest.mark.parametrize("rollout, message", [
+    ({"files": []}, "rollout needs a path"),
+    ({"path": "/r.json", "file": []}, "unsupported parameters in rollout: file"),
+    ({"path": "/r.json", "files": "/etc/*"}, "rollout.files must be a list of glob patterns, got '/etc/*'"),
+    ("/r.json", "rollout must be a dict with path and files, got '/r.json'"),
+])
+def test_a_bad_rollout_argument_fails_before_the_host_is_asked(rollout, message):
+    act = action(args={"rollout": rollout})
+    result = act.run(task_vars={})
+    assert result["failed"] and message in result["msg"], result
+    act._execute_module.assert_not_called()
