@@ -202,7 +202,19 @@ from ansible_collections.sidecar.intercept.plugins.module_utils.nftables import 
 NFT_TABLE = ("inet", "sidecar_intercept")
 
 
+# Each read of the kernel once per module run: the host facts, the per-family facts and the deployment
+# ask for the same ip rules, routes and iptables-save output (this module only reads).
+_READS = {}
+
+
 def _ip_json(module, args):
+    key = ("ip",) + tuple(args)
+    if key not in _READS:
+        _READS[key] = _ip_json_read(module, args)
+    return _READS[key]
+
+
+def _ip_json_read(module, args):
     ip = module.get_bin_path("ip")
     if not ip:
         return []
@@ -213,6 +225,19 @@ def _ip_json(module, args):
         return json.loads(out)
     except ValueError:
         return []
+
+
+def _saved(module, family, backend):
+    """iptables-save -c of one family (RuntimeError when it cannot be read)."""
+    key = ("save", family, backend)
+    if key not in _READS:
+        try:
+            _READS[key] = save(module, family, backend, counters=True, fail=False)
+        except RuntimeError as exc:
+            _READS[key] = exc
+    if isinstance(_READS[key], RuntimeError):
+        raise _READS[key]
+    return _READS[key]
 
 
 def _ssh_ports():
@@ -346,9 +371,9 @@ def _deployment(module, config_dir, nft_listing):
         else:
             for family in conf["families"]:
                 desired = desired_from_rules(_read(os.path.join(config_dir, "rules." + family.replace("ip", ""))))
-                current = current_state(save(module, family, conf["backend"]), desired)
+                current = current_state(_saved(module, family, conf["backend"]), desired)
                 drift += plan(desired, current, "present", conf.get("jump_position", "first"))[0]
-    except (OSError, KeyError, RulesError, NftError) as exc:
+    except (OSError, KeyError, RulesError, NftError, RuntimeError) as exc:
         drift.append("cannot compare: %s" % exc)
     if conf.get("mode") == "tproxy":
         table = str(conf["table"])
@@ -388,6 +413,7 @@ def main():
         ),
         supports_check_mode=True,
     )
+    _READS.clear()  # (one run per process under Ansible; tests run main() many times)
     p = module.params
     rollout = p["rollout"]
     if rollout:
@@ -406,7 +432,7 @@ def main():
             tables = {}  # one inet table for both families: facts["nftables"]
         else:
             try:
-                tables = owned_chains(save(module, family, backend, counters=True, fail=False), p["prefix"])
+                tables = owned_chains(_saved(module, family, backend), p["prefix"])
             except RuntimeError as exc:
                 facts[family] = {"available": False, "error": str(exc)}
                 continue
