@@ -9,6 +9,8 @@
 #   SIDECAR_BENCH_SERIAL='[1, "25%"]' SIDECAR_BENCH_FORKS=12 bash benchmarks/fleet/run.sh 6 12
 #   SIDECAR_BENCH_RERUNS=3 ...       how many times the re-run is timed (default 3; the table shows the
 #                                    median, the changed count is the sum over them)
+#   SIDECAR_BENCH_KEEP=1 ...         keep the hosts of the last size (and their inventory in .cache/fbench)
+#                                    for profiling; the next run of the benchmark removes them
 #   SIDECAR_BENCH_FULL_RERUN=1 ...   also times a third run with sidecar_rollout_skip_unchanged=false
 #                                    (every task of the roles again, as before the unchanged hosts were skipped)
 #
@@ -43,7 +45,9 @@ cleanup() {
   podman ps -a --filter label=sidecar.fbench=1 --format '{{.Names}}' | xargs -r podman rm -f -t 1 >/dev/null 2>&1 || true
   podman network exists "$NET" 2>/dev/null && podman network rm -f "$NET" >/dev/null 2>&1 || true
 }
-trap cleanup EXIT INT TERM
+DONE=0  # with SIDECAR_BENCH_KEEP=1 the hosts stay only after a run that finished
+trap '[ "${SIDECAR_BENCH_KEEP:-0}" = 1 ] && [ "$DONE" = 1 ] || cleanup' EXIT
+trap 'cleanup; exit 130' INT TERM
 
 inotify_in_use() {  # inotify instances open now (all users: rootful Podman hosts all count as root's)
   { find /proc/[0-9]*/fd -lname 'anon_inode:inotify' 2>/dev/null || true; } | wc -l  # (processes come and go)
@@ -104,23 +108,42 @@ write_inventory() {
   } >"$WORK/inventory-$n.yml"
 }
 
-# run_site N LABEL [EXTRA_VARS_JSON]: time one site.yml run; prints "seconds changed_total failed_total"
+hosts_cpu() {  # hosts_cpu N: CPU seconds the N hosts (their containers' cgroups) have used so far
+  local i path total=0 usec
+  for i in $(seq 1 "$1"); do
+    path="$(podman inspect --format '{{.State.CgroupPath}}' "fbench-$i")"
+    usec="$(awk '$1 == "usage_usec" {print $2}' "/sys/fs/cgroup$path/cpu.stat" 2>/dev/null || echo 0)"
+    total=$((total + ${usec:-0}))
+  done
+  awk -v u="$total" 'BEGIN {printf "%.1f\n", u / 1e6}'
+}
+
+# run_site N LABEL [EXTRA_VARS_JSON]: time one site.yml run; prints "seconds changed_total failed_total
+# controller_cpu_seconds hosts_cpu_seconds" (the controller: ansible-playbook and its workers, user + system)
 run_site() {
-  local n="$1" tag="$2" t0 t1 log
+  local n="$1" tag="$2" t0 t1 log ctl h0 h1
   local -a extra=()
   [ -z "${3:-}" ] || extra=(-e "$3")
   log="$WORK/site-$n-$tag.log"
+  h0="$(hosts_cpu "$n")"
   t0="$(date +%s.%N)"
-  if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" ansible-playbook -i "$WORK/inventory-$n.yml" \
+  if ! ANSIBLE_FORKS="$FORKS" ANSIBLE_PIPELINING=true ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" python3 -c '
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%.1f\n" % (r.ru_utime + r.ru_stime))
+sys.exit(rc)' "$WORK/cpu-$n-$tag" ansible-playbook -i "$WORK/inventory-$n.yml" \
       -e "{\"sidecar_rollout_serial\": $SERIAL}" "${extra[@]}" sidecar.intercept.site >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     die "site.yml failed for $n hosts ($tag run, log: $log)"
   fi
   t1="$(date +%s.%N)"
-  awk -v t0="$t0" -v t1="$t1" '
+  h1="$(hosts_cpu "$n")"
+  ctl="$(cat "$WORK/cpu-$n-$tag")"
+  awk -v t0="$t0" -v t1="$t1" -v ctl="$ctl" -v h0="$h0" -v h1="$h1" '
     /^PLAY RECAP/ {r = 1; next}
     r && /changed=/ {for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "changed") c += kv[2]; if (kv[1] == "failed") f += kv[2]}}
-    END {printf "%.1f %d %d\n", t1 - t0, c, f}' "$log"
+    END {printf "%.1f %d %d %s %.1f\n", t1 - t0, c, f, ctl, h1 - h0}' "$log"
 }
 
 main() {
@@ -129,8 +152,8 @@ main() {
   mkdir -p "$WORK"
   cleanup
   [ "$CONNECTION" = podman ] || ssh_hosts_key "$WORK/ssh" >/dev/null || die "could not make an SSH key"
-  printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-s\n' hosts batches "first run (s)" "re-run (s), median" "re-run changed" \
-    "full re-run (s), skip_unchanged=false" >"$RESULTS"
+  printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-24s | %-s\n' hosts batches "first run (s)" "re-run (s), median" "re-run changed" \
+    "re-runs' CPU s, controller/hosts" "full re-run (s), skip_unchanged=false" >"$RESULTS"
   printf '%s\n' "-------+------------+----------------+-----------------+------------------+----------------------" >>"$RESULTS"
   local n first again full
   for n in "${SIZES[@]}"; do
@@ -139,14 +162,15 @@ main() {
     write_inventory "$n"
     first="$(run_site "$n" first)"
     # the re-run is short, so one busy second of the machine shows: time it RERUNS times, keep the median
-    local -a times=()
+    local -a times=() cpus=()
     local changed=0 i one
     for i in $(seq 1 "$RERUNS"); do
       one="$(run_site "$n" "again-$i")"
       times+=("${one%% *}")
       changed=$((changed + $(echo "$one" | cut -d' ' -f2)))
+      cpus+=("$(echo "$one" | awk '{printf "%s/%s", $4, $5}')")
     done
-    log "re-runs of $n hosts: ${times[*]} s"
+    log "re-runs of $n hosts: ${times[*]} s wall; CPU s controller/hosts: ${cpus[*]}"
     again="$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}') $changed"
     full="-"
     if [ "${SIDECAR_BENCH_FULL_RERUN:-0}" = 1 ]; then
@@ -154,13 +178,14 @@ main() {
       full="${full%% *} (changed $(echo "$full" | cut -d' ' -f2))"
     fi
     batches="$(grep -c '^PLAY \[Sidecar rollout | Deploy' "$WORK/site-$n-first.log" || true)"
-    printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-s\n' "$n" "$batches" "${first%% *}" "${again%% *}" \
-      "$(echo "$again" | cut -d' ' -f2)" "$full" >>"$RESULTS"
-    cleanup
+    printf '%-6s | %-10s | %-14s | %-15s | %-16s | %-24s | %-s\n' "$n" "$batches" "${first%% *}" "${again%% *}" \
+      "$(echo "$again" | cut -d' ' -f2)" "${cpus[*]}" "$full" >>"$RESULTS"
+    [ "${SIDECAR_BENCH_KEEP:-0}" = 1 ] && [ "$n" = "${SIZES[-1]}" ] || cleanup
   done
   echo
   echo "sidecar.intercept.site rollout wall time ($(nproc) cores, serial $SERIAL, forks $FORKS, image $IMAGE, over $CONNECTION)"
   cat "$RESULTS"
+  DONE=1
 }
 
 main
