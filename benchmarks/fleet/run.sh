@@ -112,7 +112,9 @@ hosts_cpu() {  # hosts_cpu N: CPU seconds the N hosts (their containers' cgroups
   local i path total=0 usec
   for i in $(seq 1 "$1"); do
     path="$(podman inspect --format '{{.State.CgroupPath}}' "fbench-$i")"
-    usec="$(awk '$1 == "usage_usec" {print $2}' "/sys/fs/cgroup$path/cpu.stat" 2>/dev/null || echo 0)"
+    # cgroup v2, or the v2 hierarchy that hybrid v1 systems mount under unified/
+    usec="$(cat "/sys/fs/cgroup$path/cpu.stat" "/sys/fs/cgroup/unified$path/cpu.stat" 2>/dev/null |
+      awk '$1 == "usage_usec" {print $2; exit}')"
     total=$((total + ${usec:-0}))
   done
   awk -v u="$total" 'BEGIN {printf "%.1f\n", u / 1e6}'
