@@ -132,11 +132,12 @@ def query(module, path, files, ready_url=None, timeout=3.0, digest=None):
     the proxy's readiness is asked only when nothing else differs.
     """
     record = read_record(path)
-    current = owned_files(files, path)
     if record is None:
         return ['no record of a verified rollout at %s' % path], {}
     if record.get('invalid') or record.get('version') != RECORD_VERSION:
         return ['the record at %s is not one this collection wrote' % path], {}
+    # (hashed only when there is a record to compare with: a first rollout has none)
+    current = owned_files(files, path)
     reasons = []
     if digest is not None and record.get('digest') != digest:
         reasons.append(DIGEST_CHANGED)
