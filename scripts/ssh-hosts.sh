@@ -3,6 +3,8 @@
 # Reach the lab's Podman systemd hosts over SSH, as operators reach their VMs: a key pair made for each
 # run, a sudo user `sidecar-ops` holding its public key on every host (what cloud-init user-data does
 # on a VM; done here through `podman exec`, the one test shortcut), and the SSH settings Ansible uses.
+# SSH_HOSTS_USER=root authorizes the key for root instead (the Molecule scenarios whose playbooks expect
+# root, as they had with `podman exec`; no sudo on each task).
 # Used by scripts/lab.sh, benchmarks/fleet/run.sh and molecule/fleet (prepare.yml).
 #
 # Sourced:   ssh_hosts_key DIR                  a new key pair DIR/id_ed25519 (replaces an older one)
@@ -27,16 +29,28 @@ ssh_hosts_authorize() {  # ssh_hosts_authorize PUBKEY HOST...: all hosts at once
   for h in "$@"; do
     podman exec -i -e "U=$SSH_HOSTS_USER" "$h" sh -c '
       set -e
-      timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true  # bounded: a boot can hang
+      # until the boot is over, within 120 s (a boot can hang); a host started a moment ago may not
+      # answer on its bus yet, which makes `systemctl` fail at once: then try again
+      end=$(($(date +%s) + 120))
+      while left=$((end - $(date +%s))); [ "$left" -gt 0 ]; do
+        case "$(timeout "$left" systemctl is-system-running --wait 2>/dev/null)" in
+          running|degraded) break ;;
+        esac
+        sleep 1
+      done
       id "$U" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$U"
-      install -d -m 0700 -o "$U" -g "$U" "/home/$U/.ssh"
-      cat >"/home/$U/.ssh/authorized_keys"
-      chown "$U:$U" "/home/$U/.ssh/authorized_keys"
-      chmod 0600 "/home/$U/.ssh/authorized_keys"
-      echo "$U ALL=(ALL) NOPASSWD: ALL" >"/etc/sudoers.d/$U"
-      chmod 0440 "/etc/sudoers.d/$U"
-      systemctl enable --now ssh.service >/dev/null 2>&1
-      systemctl is-active --quiet ssh.service' <"$pub" &
+      home="$(getent passwd "$U" | cut -d: -f6)"
+      install -d -m 0700 -o "$U" -g "$U" "$home/.ssh"
+      cat >"$home/.ssh/authorized_keys"
+      chown "$U:$U" "$home/.ssh/authorized_keys"
+      chmod 0600 "$home/.ssh/authorized_keys"
+      if [ "$U" != root ]; then
+        echo "$U ALL=(ALL) NOPASSWD: ALL" >"/etc/sudoers.d/$U"
+        chmod 0440 "/etc/sudoers.d/$U"
+      fi
+      systemctl enable --now ssh.service >/dev/null 2>&1 || true
+      for _ in 1 2 3 4 5 6 7 8 9 10; do systemctl is-active --quiet ssh.service && exit 0; sleep 1; done
+      echo "sshd is not active on $(hostname)" >&2; exit 1' <"$pub" &
     pids+=($!)
   done
   for h in "${pids[@]}"; do wait "$h" || rc=1; done
