@@ -8,7 +8,7 @@
 #   matrix the support matrix's other controllers (README "Support matrix"): for each
 #          tests/requirements-matrix-X.Y.txt, ansible-core X.Y in its own venv on the Python its
 #          "# python:" line names: the unit tests, ansible-test sanity, and tests/matrix/converge.yml on a
-#          fresh Podman systemd host twice (the second run changed=0); then the tools venv's newest
+#          fresh Podman systemd host over SSH twice (the second run changed=0); then the tools venv's newest
 #          ansible-core re-runs it: changed=0 and no deprecation warning.
 # Usage: scripts/tooling.sh [lint|site [DIR]|ee|matrix]...   (default: all four). Exits non-zero on any failure.
 set -uo pipefail
@@ -19,6 +19,8 @@ if ! command -v antsibull-docs >/dev/null 2>&1 || [ -z "${ANSIBLE_COLLECTIONS_PA
   sidecar_setup
 fi
 repo="$(cd "$here/.." && pwd)"
+# shellcheck source=scripts/ssh-hosts.sh
+. "$here/ssh-hosts.sh"
 collection="$(python -c 'import ansible_collections.sidecar.intercept as c, os; print(os.path.dirname(c.__file__) if c.__file__ else list(c.__path__)[0])' 2>/dev/null)"
 [ -n "$collection" ] || collection="$(cd "$repo/.cache/collections/ansible_collections/sidecar/intercept" && pwd)"
 failed=()
@@ -123,7 +125,7 @@ matrix_converge() {
 
 # one controller of the matrix: unit tests, sanity, converge + idempotence on a fresh host, newest re-run
 matrix_release() {  # matrix_release REQUIREMENTS_FILE
-  local req="$1" rel host="tl-matrix-$$" sp newest
+  local req="$1" rel host="tl-matrix-$$" newest
   rel="$(basename "$req" .txt)"; rel="${rel#requirements-matrix-}"
   matrix_venv "$req" || { failed+=("matrix $rel: venv"); return; }
   say "support matrix: $("$MATRIX_VENV/bin/ansible" --version 2>&1 | sed -n 1p) on $("$MATRIX_VENV/bin/python" -V)"
@@ -132,21 +134,25 @@ matrix_release() {  # matrix_release REQUIREMENTS_FILE
   PATH="$MATRIX_VENV/bin:$PATH" bash "$repo/scripts/sanity.sh" --no-lint >"$tmp/matrix-sanity-$rel.log" 2>&1 ||
     { tail -n 60 "$tmp/matrix-sanity-$rel.log"; failed+=("matrix $rel: ansible-test sanity"); }
   tail -n 1 "$tmp/matrix-sanity-$rel.log"
-  # a fresh systemd host without a network (loopback only: nothing to collide with), from the lab image
+  # a fresh systemd host from the lab image on Podman's default network, reached over SSH as root with
+  # a key made for this run (scripts/ssh-hosts.sh, which also waits for the boot to finish: systemd
+  # mounts /tmp while it boots, and a module copied there earlier would vanish)
   podman rm -f -t 1 "$host" >/dev/null 2>&1
-  podman run -d --name "$host" --hostname "$host" --network none --systemd=always --cap-add NET_ADMIN,NET_RAW \
+  podman run -d --name "$host" --hostname "$host" --systemd=always --cap-add NET_ADMIN,NET_RAW \
     --security-opt unmask=/proc/sys "${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:bookworm" /sbin/init >/dev/null ||
     { failed+=("matrix $rel: host"); return; }
-  # wait for the host's boot to finish (systemd mounts /tmp while it boots: a module copied there
-  # earlier would vanish); "degraded" is fine for a container
-  timeout 90 podman exec "$host" systemctl is-system-running --wait >/dev/null 2>&1
-  printf '%s ansible_connection=containers.podman.podman ansible_python_interpreter=/usr/bin/python3\n' "$host" \
-    >"$tmp/matrix-inventory"
-  # containers.podman (the connection) from the tools venv's ansible package; ansible-core from the matrix venv
-  sp="$(python -c 'import ansible_collections.containers.podman as m, os; print(os.path.abspath(os.path.join(list(m.__path__)[0], "../../..")))')"
+  local key addr
+  if ! { key="$(SSH_HOSTS_USER=root ssh_hosts_key "$tmp/ssh")" &&
+          SSH_HOSTS_USER=root ssh_hosts_authorize "$key.pub" "$host" &&
+          addr="$(podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$host")" &&
+          [ -n "$addr" ]; }; then
+    failed+=("matrix $rel: SSH to the host"); podman rm -f -t 1 "$host" >/dev/null 2>&1; return
+  fi
+  printf '%s ansible_host=%s ansible_python_interpreter=/usr/bin/python3\n[all:vars]\n' "$host" "$addr" >"$tmp/matrix-inventory"
+  SSH_HOSTS_USER=root ssh_hosts_vars "$key" "" | sed 's/: /=/; s/^\(ansible_ssh_common_args=\)\(.*\)$/\1"\2"/' >>"$tmp/matrix-inventory"
   newest="$(python -c 'from ansible.release import __version__ as v; print(v)')"
   (
-    export ANSIBLE_PIPELINING=true ANSIBLE_COLLECTIONS_PATH="$ANSIBLE_COLLECTIONS_PATH:$sp"
+    export ANSIBLE_PIPELINING=true
     PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core $rel converge" any &&
     PATH="$MATRIX_VENV/bin:$PATH" matrix_converge "ansible-core $rel idempotence" 0 &&
     matrix_converge "ansible-core $newest re-run" 0
