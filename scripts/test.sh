@@ -124,7 +124,7 @@ stage_build() {
 # zipapp the controller builds is published atomically under its hash.
 # "matrix" is not a scenario: the support matrix's older controllers (ansible-core 2.19 and 2.20,
 # scripts/tooling.sh matrix) run in a lane beside the scenarios, since they need a Podman host too.
-MOLECULE_WEIGHTS="fleet=900 proxy=600 matrix=570 tproxy=500 nftables=500 redirect=450 single=360 firewall=300"
+MOLECULE_WEIGHTS="fleet=915 proxy=580 matrix=510 redirect=450 nftables=390 tproxy=360 single=290 firewall=225"
 
 scenario_weight() {  # scenario_weight NAME: seconds, for the order
   local w kv
