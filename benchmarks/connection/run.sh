@@ -4,7 +4,10 @@
 # connection per host, as the fleet scenario, the lab and the fleet benchmark use) and over `podman exec`
 # (containers.podman.podman), alternating for ROUNDS rounds in one run. Prints seconds per task and round.
 #
-#   bash benchmarks/connection/run.sh            (SIDECAR_CBENCH_HOSTS=2 TASKS=20 ROUNDS=3)
+#   bash benchmarks/connection/run.sh            (SIDECAR_CBENCH_HOSTS=2 TASKS=20 ROUNDS=3 FORKS=5
+#                                                 CONNECTIONS="ssh podman")
+# Each systemd host takes about 6 inotify instances: past about 15 hosts raise
+# fs.inotify.max_user_instances first (benchmarks/fleet/run.sh names the value), or the hosts never boot.
 #
 # Containers cbench-N on the network sidecar-cbench (10.89.91.0/24) are removed on exit, also on failure.
 set -euo pipefail
@@ -14,8 +17,12 @@ set -euo pipefail
 . "$(dirname "$0")/../../scripts/ssh-hosts.sh"
 
 HOSTS="${SIDECAR_CBENCH_HOSTS:-2}" TASKS="${SIDECAR_CBENCH_TASKS:-20}" ROUNDS="${SIDECAR_CBENCH_ROUNDS:-3}"
-for v in "$HOSTS" "$TASKS" "$ROUNDS"; do
-  [[ "$v" =~ ^[0-9]+$ ]] && [ "$v" -ge 1 ] && [ "$v" -le 100 ] || die "host, task and round counts must be 1..100, got '$v'"
+FORKS="${SIDECAR_CBENCH_FORKS:-5}" CONNECTIONS="${SIDECAR_CBENCH_CONNECTIONS:-ssh podman}"
+for v in "$HOSTS" "$TASKS" "$ROUNDS" "$FORKS"; do
+  [[ "$v" =~ ^[0-9]+$ ]] && [ "$v" -ge 1 ] && [ "$v" -le 100 ] || die "host, task, round and fork counts must be 1..100, got '$v'"
+done
+for c in $CONNECTIONS; do
+  case "$c" in ssh|podman) ;; *) die "SIDECAR_CBENCH_CONNECTIONS takes ssh and podman, not '$c'" ;; esac
 done
 IMAGE="${SIDECAR_LAB_IMAGE:-localhost/sidecar-lab}:bookworm"
 NET=sidecar-cbench
@@ -72,18 +79,17 @@ done
 run() {  # run CONNECTION: seconds per task of one playbook run
   local t0 t1
   t0="$(date +%s.%N)"
-  ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" ansible-playbook -i "$WORK/inventory-$1.yml" "$WORK/tasks.yml" \
+  ANSIBLE_SSH_CONTROL_PATH_DIR="$WORK/cp" ansible-playbook --forks "$FORKS" -i "$WORK/inventory-$1.yml" "$WORK/tasks.yml" \
     >"$WORK/run-$1.log" 2>&1 || { tail -n 30 "$WORK/run-$1.log" >&2; die "the $1 run failed"; }
   t1="$(date +%s.%N)"
   awk -v a="$t0" -v b="$t1" -v n="$TASKS" 'BEGIN { printf "%.3f", (b - a) / n }'
 }
 
-run ssh >/dev/null  # the first SSH run opens the master connections; measured runs reuse them, as a playbook does
-printf 'seconds per task (%s hosts, %s tasks, forks 5, %s cores); each column one round\n' "$HOSTS" "$TASKS" "$(nproc)"
-ssh_row="ssh   " podman_row="podman"
+# the first SSH run opens the master connections; measured runs reuse them, as a playbook does
+case " $CONNECTIONS " in *" ssh "*) run ssh >/dev/null ;; esac
+printf 'seconds per task (%s hosts, %s tasks, forks %s, %s cores); each column one round\n' "$HOSTS" "$TASKS" "$FORKS" "$(nproc)"
+declare -A row=()
 for _ in $(seq 1 "$ROUNDS"); do
-  ssh_row+=" $(run ssh)"
-  podman_row+=" $(run podman)"
+  for c in $CONNECTIONS; do row[$c]+=" $(run "$c")"; done
 done
-echo "$ssh_row"
-echo "$podman_row"
+for c in $CONNECTIONS; do printf '%-6s%s\n' "$c" "${row[$c]}"; done
