@@ -13,7 +13,7 @@
 # Or run:    bash scripts/ssh-hosts.sh key DIR | authorize PUBKEY HOST...
 
 SSH_HOSTS_USER="${SSH_HOSTS_USER:-sidecar-ops}"
-# (molecule/fleet/molecule.yml states the same options in YAML)
+# (.config/molecule/config.yml states the same options in YAML, for the Molecule scenarios)
 SSH_HOSTS_ARGS="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ServerAliveInterval=15"
 
 ssh_hosts_key() {  # ssh_hosts_key DIR: prints the private key's path
