@@ -5,7 +5,8 @@
 # on a VM; done here through `podman exec`, the one test shortcut), and the SSH settings Ansible uses.
 # SSH_HOSTS_USER=root authorizes the key for root instead (the Molecule scenarios whose playbooks expect
 # root, as they had with `podman exec`; no sudo on each task).
-# Used by scripts/lab.sh, benchmarks/fleet/run.sh and molecule/fleet (prepare.yml).
+# Used by scripts/lab.sh, scripts/tooling.sh (matrix), benchmarks/fleet/run.sh, benchmarks/connection/run.sh
+# and the Molecule scenarios that use SSH (molecule/shared/ssh_access.yml).
 #
 # Sourced:   ssh_hosts_key DIR                  a new key pair DIR/id_ed25519 (replaces an older one)
 #            ssh_hosts_authorize PUBKEY HOST...  the user, its key and a running sshd on each host
