@@ -94,6 +94,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--log", action="store_true", help="access log as deployed (stdout to a stream socket)")
     ap.add_argument("--cprofile", metavar="FILE", help="run the proxy under cProfile, write stats to FILE")
+    ap.add_argument("--trace", metavar="FILE",
+                    help="write every system call of the proxy to FILE (strace -f -tt) instead of counting")
     ap.add_argument("--cpu", type=int, metavar="ROUNDS",
                     help="proxy CPU per 1,000 connections, log off and on")
     ap.add_argument("--baseline", type=Path, metavar="SRC",
@@ -124,7 +126,8 @@ def main() -> int:
                 time.sleep(0.5)
             else:
                 # `ip netns exec` and taskset exec the command: the proxy is this pid
-                tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(c.proc.pid)],
+                how = ["-tt", "-o", args.trace] if args.trace else ["-c"]
+                tracer = subprocess.Popen(["strace", *how, "-f", "-p", str(c.proc.pid)],
                                           stderr=subprocess.PIPE, text=True)
                 time.sleep(1.0)
             t0 = time.monotonic()
@@ -134,6 +137,9 @@ def main() -> int:
             if tracer is not None:
                 tracer.send_signal(signal.SIGINT)
                 _out, err = tracer.communicate(timeout=30)
+            if tracer is not None and args.trace:
+                print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls in {args.trace}")
+            elif tracer is not None:
                 print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls per "
                       "connection (strace -c -f, every thread of the proxy):")
                 total = 0.0
