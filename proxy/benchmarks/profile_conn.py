@@ -93,11 +93,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--log", action="store_true", help="access log as deployed (stdout to a stream socket)")
-    ap.add_argument("--cprofile", metavar="FILE", help="run the proxy under cProfile, write stats to FILE")
-    ap.add_argument("--trace", metavar="FILE",
-                    help="write every system call of the proxy to FILE (strace -f -tt) instead of counting")
-    ap.add_argument("--cpu", type=int, metavar="ROUNDS",
-                    help="proxy CPU per 1,000 connections, log off and on")
+    how = ap.add_mutually_exclusive_group()  # what to measure; system calls counted when none is given
+    how.add_argument("--cprofile", metavar="FILE", help="run the proxy under cProfile, write stats to FILE")
+    how.add_argument("--trace", metavar="FILE",
+                     help="write every system call of the proxy to FILE (strace -f -tt) instead of counting")
+    how.add_argument("--cpu", type=int, metavar="ROUNDS",
+                     help="proxy CPU per 1,000 connections, log off and on")
     ap.add_argument("--baseline", type=Path, metavar="SRC",
                     help="(--cpu) also from this sidecar-proxy src tree")
     args = ap.parse_args()
@@ -137,17 +138,18 @@ def main() -> int:
             if tracer is not None:
                 tracer.send_signal(signal.SIGINT)
                 _out, err = tracer.communicate(timeout=30)
-            if tracer is not None and args.trace:
-                print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls in {args.trace}")
-            elif tracer is not None:
-                print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls per "
-                      "connection (strace -c -f, every thread of the proxy):")
-                total = 0.0
-                for call, per in strace_table(err, args.connections):
-                    if per >= 0.01:
-                        print(f"  {call:<16} {per:6.2f}")
-                    total += per
-                print(f"  {'total':<16} {total:6.2f}")
+                if args.trace:
+                    print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls in "
+                          f"{args.trace}")
+                else:
+                    print(f"{name}: {args.connections} connections in {elapsed:.1f} s; system calls per "
+                          "connection (strace -c -f, every thread of the proxy):")
+                    total = 0.0
+                    for call, per in strace_table(err, args.connections):
+                        if per >= 0.01:
+                            print(f"  {call:<16} {per:6.2f}")
+                        total += per
+                    print(f"  {'total':<16} {total:6.2f}")
             c.stop()
             if args.cprofile:
                 stats = pstats.Stats(args.cprofile)
